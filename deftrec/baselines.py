@@ -1,0 +1,291 @@
+"""Non-neural baselines reported beside DeftRec: popularity, last-item Markov chain, EASE.
+
+All share one small protocol (:class:`Baseline`): ``fit(train_sequences, n_items)`` then
+``score(histories) -> float32 [U, n_items]`` (higher = better). Chunked evaluation is left
+to :func:`deftrec.metrics.evaluate_in_chunks` through a ``score_fn`` closure.
+
+Data conventions: items are ints ``0..n_items-1``; ``train_sequences`` holds each user's
+chronological training sequence (never a target of the split being evaluated: to evaluate
+on test, fit on everything before the test target, i.e. including the validation target,
+which is how the reference figures in ``shared/data/README.md`` were produced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from deftrec.metrics import evaluate_in_chunks
+
+__all__ = [
+    "Baseline",
+    "Popularity",
+    "MarkovLastItem",
+    "EASE",
+    "BASELINES",
+    "run_baselines",
+]
+
+
+@runtime_checkable
+class Baseline(Protocol):
+    """What every baseline offers."""
+
+    def fit(self, train_sequences: Sequence[Any], n_items: int) -> "Baseline": ...
+
+    def score(self, histories: Sequence[Any]) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _flatten(sequences: Sequence[Any], n_items: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged int sequences -> (row index, item index) flat arrays, range-checked."""
+    arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sequences]
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    if lengths.sum() == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    items = np.concatenate(arrays)
+    if items.min() < 0 or items.max() >= n_items:
+        raise ValueError(
+            f"{what} items must lie in [0, {n_items}), got range [{items.min()}, {items.max()}]"
+        )
+    return np.repeat(np.arange(len(arrays), dtype=np.int64), lengths), items
+
+
+def _check_n_items(n_items: int) -> int:
+    if isinstance(n_items, bool) or not isinstance(n_items, (int, np.integer)) or n_items < 1:
+        raise ValueError(f"n_items must be a positive int, got {n_items!r}")
+    return int(n_items)
+
+
+def _item_counts(
+    sequences: Sequence[Any], n_items: int, count: Literal["users", "interactions"]
+) -> np.ndarray:
+    """Per-item popularity: number of sequences containing it, or number of occurrences."""
+    rows, items = _flatten(sequences, n_items, "training")
+    if count == "users":
+        # Count each (user, item) pair once: repeated purchases should not outweigh reach.
+        items = np.unique(rows * n_items + items) % n_items
+    return np.bincount(items, minlength=n_items).astype(np.float64)
+
+
+class _Fitted:
+    """Mixin: remembers the catalog size and refuses to score before ``fit``."""
+
+    n_items_: int | None = None
+
+    def _require_fitted(self) -> int:
+        if self.n_items_ is None:
+            raise RuntimeError(f"{type(self).__name__} must be fit before scoring")
+        return self.n_items_
+
+
+_COUNT_MODES = ("users", "interactions")
+
+
+# --------------------------------------------------------------------------- popularity
+
+
+@dataclass(eq=False)  # identity semantics: fitted arrays make == meaningless
+class Popularity(_Fitted):
+    """Score of item i = its popularity in the training sequences, the same for every user.
+
+    ``count="users"`` (default) counts the sequences containing i; ``"interactions"``
+    counts every occurrence. The reference figures use ``"users"``: on ``software``,
+    where some users buy the same item many times, ``"interactions"`` ranks those
+    repeat-heavy items first and scores far lower.
+    """
+
+    count: Literal["users", "interactions"] = "users"
+    counts_: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.count not in _COUNT_MODES:
+            raise ValueError(f"count must be one of {_COUNT_MODES}, got {self.count!r}")
+
+    def fit(self, train_sequences: Sequence[Any], n_items: int) -> "Popularity":
+        self.n_items_ = _check_n_items(n_items)
+        self.counts_ = _item_counts(train_sequences, self.n_items_, self.count)
+        return self
+
+    def score(self, histories: Sequence[Any]) -> np.ndarray:
+        n_items = self._require_fitted()
+        _flatten(histories, n_items, "history")  # validate ids like the other baselines
+        row = self.counts_.astype(np.float32)
+        return np.broadcast_to(row, (len(histories), n_items)).copy()
+
+
+# --------------------------------------------------------------------------- Markov
+
+
+@dataclass(eq=False)
+class MarkovLastItem(_Fitted):
+    """First-order Markov chain on the last history item.
+
+    ``score_u(j) = C[last_u, j] + tie_break * pop(j) / max(pop)``, where ``C[a, j]`` counts
+    consecutive pairs ``a -> j`` (self-transitions included: repeat purchases are real
+    signal) and ``pop`` is :class:`Popularity` with ``count=popularity_count``. Because
+    ``C`` is integer and ``0 <= tie_break < 1``, popularity only orders items with equal
+    counts, e.g. every item for users whose last item was never seen followed by anything.
+    An empty history scores by popularity alone.
+
+    Why 0.5 rather than a "tiny" 1e-6: scores are float32, whose spacing at a count of
+    100 is ~7.6e-6, so a 1e-6 term would be rounded away exactly where it is needed.
+
+    Transitions are stored sparsely (CSR by source item), so memory is O(#distinct pairs).
+    """
+
+    tie_break: float = 0.5
+    popularity_count: Literal["users", "interactions"] = "users"
+    indptr_: np.ndarray | None = field(default=None, init=False, repr=False)
+    dst_: np.ndarray | None = field(default=None, init=False, repr=False)
+    cnt_: np.ndarray | None = field(default=None, init=False, repr=False)
+    prior_: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tie_break < 1.0:
+            raise ValueError(
+                f"tie_break must be in [0, 1) so it never overturns a transition count, got {self.tie_break}"
+            )
+        if self.popularity_count not in _COUNT_MODES:
+            raise ValueError(
+                f"popularity_count must be one of {_COUNT_MODES}, got {self.popularity_count!r}"
+            )
+
+    def fit(self, train_sequences: Sequence[Any], n_items: int) -> "MarkovLastItem":
+        n = _check_n_items(n_items)
+        rows, items = _flatten(train_sequences, n, "training")
+        # Consecutive positions of the flat array form a pair only inside one sequence.
+        same = rows[1:] == rows[:-1]
+        codes = items[:-1][same] * n + items[1:][same]
+        pairs, counts = np.unique(codes, return_counts=True)  # sorted by (src, dst)
+        src = pairs // n
+        self.indptr_ = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=n))]).astype(np.int64)
+        self.dst_ = (pairs % n).astype(np.int64)
+        self.cnt_ = counts.astype(np.float64)
+        pop = _item_counts(train_sequences, n, self.popularity_count)
+        self.prior_ = self.tie_break * pop / max(pop.max(), 1.0)
+        self.n_items_ = n
+        return self
+
+    def score(self, histories: Sequence[Any]) -> np.ndarray:
+        n = self._require_fitted()
+        n_users = len(histories)
+        _flatten(histories, n, "history")
+        scores = np.broadcast_to(self.prior_, (n_users, n)).copy()
+        has = np.fromiter((len(h) > 0 for h in histories), dtype=bool, count=n_users)
+        users = np.flatnonzero(has)
+        if users.size:
+            last = np.fromiter(
+                (int(np.asarray(histories[u]).reshape(-1)[-1]) for u in users), dtype=np.int64, count=users.size
+            )
+            start, stop = self.indptr_[last], self.indptr_[last + 1]
+            lengths = stop - start
+            # Gather every outgoing row's entries at once: position = row start + offset.
+            offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            pos = np.repeat(start, lengths) + offsets
+            scores[np.repeat(users, lengths), self.dst_[pos]] += self.cnt_[pos]
+        return scores.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- EASE
+
+
+@dataclass(eq=False)
+class EASE(_Fitted):
+    """EASE^R (Steck, WWW 2019): item-item linear autoencoder with a zero diagonal.
+
+    With X the binary user-item matrix of the training sequences,
+    ``P = (X^T X + lam * I)^-1`` and ``B = I - P diag(1/diag(P))``, i.e.
+    ``B_ij = -P_ij / P_jj`` off the diagonal and ``B_jj = 0``; this is the minimiser of
+    ``||X - XB||_F^2 + lam ||B||_F^2`` subject to ``diag(B) = 0``. A user scores
+    ``x_u B`` with ``x_u`` the binary vector of its history (an empty history scores 0
+    everywhere, so ties are broken by item index).
+
+    The dense N x N inverse (float64) costs O(N^3) time and 8 N^2 bytes, hence ``max_items``.
+    """
+
+    lam: float = 500.0
+    max_items: int = 20_000
+    B_: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.lam > 0:
+            raise ValueError(f"lam must be > 0 (it makes X^T X + lam I invertible), got {self.lam}")
+        if isinstance(self.max_items, bool) or not isinstance(self.max_items, int) or self.max_items < 1:
+            raise ValueError(f"max_items must be a positive int, got {self.max_items!r}")
+
+    def fit(self, train_sequences: Sequence[Any], n_items: int) -> "EASE":
+        n = _check_n_items(n_items)
+        if n > self.max_items:
+            raise ValueError(
+                f"EASE needs a dense {n} x {n} inverse ({8 * n * n / 2**30:.1f} GiB in float64); "
+                f"n_items={n} exceeds max_items={self.max_items}. Raise max_items if memory allows."
+            )
+        rows, items = _flatten(train_sequences, n, "training")
+        gram = np.zeros((n, n), dtype=np.float64)
+        # Build X^T X from binary rows in user blocks so X is never dense for all users.
+        block = max(1, (1 << 24) // n)
+        n_users = len(train_sequences)
+        bounds = np.searchsorted(rows, np.arange(0, n_users + block, block))  # rows are sorted
+        for i, lo in enumerate(range(0, n_users, block)):
+            a, z = bounds[i], bounds[i + 1]
+            x = np.zeros((min(block, n_users - lo), n), dtype=np.float64)
+            x[rows[a:z] - lo, items[a:z]] = 1.0
+            gram += x.T @ x
+        gram[np.diag_indices(n)] += self.lam
+        p = np.linalg.inv(gram)
+        del gram  # keep the peak at two N x N float64 matrices
+        p /= -np.diag(p)[None, :]  # in place: B_ij = -P_ij / P_jj
+        p[np.diag_indices(n)] = 0.0
+        self.B_ = p.astype(np.float32)
+        self.n_items_ = n
+        return self
+
+    def score(self, histories: Sequence[Any]) -> np.ndarray:
+        n = self._require_fitted()
+        rows, items = _flatten(histories, n, "history")
+        x = np.zeros((len(histories), n), dtype=np.float32)
+        x[rows, items] = 1.0  # binary: repeated history items count once
+        return x @ self.B_
+
+
+# --------------------------------------------------------------------------- runner
+
+BASELINES: dict[str, type] = {"popularity": Popularity, "markov": MarkovLastItem, "ease": EASE}
+
+
+def run_baselines(
+    train_sequences: Sequence[Any],
+    histories: Sequence[Any],
+    targets: Any,
+    n_items: int,
+    ks: Sequence[int] = (5, 10, 20),
+    *,
+    chunk_size: int = 1024,
+    models: Mapping[str, Baseline] | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Fit each baseline and evaluate it under both protocols.
+
+    ``models`` maps names to unfitted instances (default: every entry of
+    :data:`BASELINES` with its default config). Returns
+    ``{name: {"history_excluded": {...}, "history_kept": {...}}}``.
+    """
+    if len(histories) != len(targets):
+        raise ValueError(f"got {len(histories)} histories for {len(targets)} targets")
+    if models is None:
+        models = {name: cls() for name, cls in BASELINES.items()}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for name, model in models.items():
+        model.fit(train_sequences, n_items)
+
+        def score_fn(positions: np.ndarray, model: Baseline = model) -> np.ndarray:
+            return model.score([histories[i] for i in positions])
+
+        results[name] = evaluate_in_chunks(
+            score_fn, np.arange(len(histories)), targets, histories, chunk_size, ks
+        )
+    return results

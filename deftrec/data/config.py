@@ -1,0 +1,105 @@
+"""Typed configuration of the preprocessing stage."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+FORMATS = ("csv", "tsv", "jsonl", "parquet", "movielens", "deftrec")
+
+
+@dataclasses.dataclass
+class ColumnsConfig:
+    """Where the fields are. Names when the file has a header, else 0-based positions ("0", "1", ...)."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"
+    rating: Optional[str] = "rating"  # None/"" = no rating column
+
+
+@dataclasses.dataclass
+class CatalogColumnsConfig:
+    item: str = "item_id"
+    title: str = "title"
+    category: Optional[str] = "category"  # None = no categories ("unknown")
+
+
+@dataclasses.dataclass
+class PreprocessConfig:
+    input: list[str] = dataclasses.field(default_factory=list)  # files, or a folder for format deftrec
+    format: str = "csv"
+    items: Optional[str] = None  # item catalog file (deftrec: item_list.txt found in the input folder)
+    output: str = ""
+    columns: ColumnsConfig = dataclasses.field(default_factory=ColumnsConfig)
+    catalog_columns: CatalogColumnsConfig = dataclasses.field(default_factory=CatalogColumnsConfig)
+    delimiter: Optional[str] = None  # default per format: "," csv, "\t" tsv, "::" movielens
+    header: Optional[bool] = None  # default: True for csv/tsv, False for movielens
+    encoding: Optional[str] = None  # default: utf-8 (movielens: latin-1, which is how MovieLens ships)
+    timestamp_format: str = "auto"  # auto | unix | unix_ms | a strptime format
+    rating_threshold: Optional[float] = None  # keep rows with rating >= threshold
+    user_core: Optional[int] = None  # k-core; default 5 (deftrec format: 0 = keep as published)
+    item_core: Optional[int] = None
+    min_sequence_length: int = 3  # leave-one-out needs train + valid + test items
+    max_history: int = 20
+    id_mapping: Optional[str] = None  # "sorted" (contiguous, by original id) | "preserve" (deftrec indices)
+    num_buckets: int = 0  # user-hash partitions; 0 = from input size
+    chunk_mb: int = 64  # input bytes per read task
+    max_reject_fraction: float = 1.0  # fail when more than this fraction of rows is rejected
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.input, str):
+            self.input = [self.input]
+        if not self.input:
+            raise ValueError("input: at least one input path is required")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {list(FORMATS)}, got {self.format!r}")
+        if not self.output:
+            raise ValueError("output: an output directory is required")
+        defaults = {"csv": (",", True), "tsv": ("\t", True), "movielens": ("::", False),
+                    "jsonl": (None, True), "parquet": (None, True), "deftrec": (" ", False)}
+        d_delim, d_header = defaults[self.format]
+        if self.delimiter is None:
+            self.delimiter = d_delim
+        if self.delimiter == "":
+            raise ValueError("delimiter must not be empty")
+        if self.header is None:
+            self.header = d_header
+        if self.encoding is None:
+            self.encoding = "latin-1" if self.format == "movielens" else "utf-8"
+        try:
+            "x".encode(self.encoding)
+        except LookupError:
+            raise ValueError(f"encoding: unknown codec {self.encoding!r}") from None
+        if self.format == "movielens" and self.columns == ColumnsConfig():
+            # ratings.dat: UserID::MovieID::Rating::Timestamp
+            self.columns = ColumnsConfig(user="0", item="1", rating="2", timestamp="3")
+        if self.format == "movielens" and self.catalog_columns == CatalogColumnsConfig():
+            self.catalog_columns = CatalogColumnsConfig(item="0", title="1", category="2")
+        published = self.format == "deftrec"
+        if self.user_core is None:
+            self.user_core = 0 if published else 5
+        if self.item_core is None:
+            self.item_core = 0 if published else 5
+        if self.id_mapping is None:
+            self.id_mapping = "preserve" if published else "sorted"
+        if self.id_mapping not in ("sorted", "preserve"):
+            raise ValueError(f"id_mapping must be 'sorted' or 'preserve', got {self.id_mapping!r}")
+        if self.id_mapping == "preserve" and not published:
+            raise ValueError("id_mapping 'preserve' needs format 'deftrec' (the only format with published indices)")
+        if self.user_core < 0 or self.item_core < 0:
+            raise ValueError("user_core and item_core must be >= 0")
+        if self.min_sequence_length < 3:
+            raise ValueError("min_sequence_length must be >= 3: leave-one-out needs a train, a valid and a test item")
+        if self.max_history < 1:
+            raise ValueError("max_history must be >= 1")
+        if self.num_buckets < 0 or self.chunk_mb < 1:
+            raise ValueError("num_buckets must be >= 0 and chunk_mb >= 1")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError("max_reject_fraction must be in [0, 1]")
+        if not self.columns.user or not self.columns.item or not self.columns.timestamp:
+            if self.format != "deftrec":
+                raise ValueError("columns.user, columns.item and columns.timestamp are required")
+        if self.columns.rating == "":
+            self.columns.rating = None

