@@ -208,8 +208,10 @@ class EASE(_Fitted):
     The dense N x N inverse (float64) costs O(N^3) time and 8 N^2 bytes, hence ``max_items``.
     """
 
-    lam: float = 500.0
+    lam: float = 250.0
     max_items: int = 20_000
+    #: users per block when accumulating X^T X; None -> about 2**24 matrix entries per block
+    block_users: int | None = None
     B_: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -217,6 +219,10 @@ class EASE(_Fitted):
             raise ValueError(f"lam must be > 0 (it makes X^T X + lam I invertible), got {self.lam}")
         if isinstance(self.max_items, bool) or not isinstance(self.max_items, int) or self.max_items < 1:
             raise ValueError(f"max_items must be a positive int, got {self.max_items!r}")
+        if self.block_users is not None and (
+            isinstance(self.block_users, bool) or not isinstance(self.block_users, int) or self.block_users < 1
+        ):
+            raise ValueError(f"block_users must be None or a positive int, got {self.block_users!r}")
 
     def fit(self, train_sequences: Sequence[Any], n_items: int) -> "EASE":
         n = _check_n_items(n_items)
@@ -228,7 +234,7 @@ class EASE(_Fitted):
         rows, items = _flatten(train_sequences, n, "training")
         gram = np.zeros((n, n), dtype=np.float64)
         # Build X^T X from binary rows in user blocks so X is never dense for all users.
-        block = max(1, (1 << 24) // n)
+        block = self.block_users or max(1, (1 << 24) // n)
         n_users = len(train_sequences)
         bounds = np.searchsorted(rows, np.arange(0, n_users + block, block))  # rows are sorted
         for i, lo in enumerate(range(0, n_users, block)):

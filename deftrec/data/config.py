@@ -44,7 +44,7 @@ class PreprocessConfig:
     max_history: int = 20
     id_mapping: Optional[str] = None  # "sorted" (contiguous, by original id) | "preserve" (deftrec indices)
     num_buckets: int = 0  # user-hash partitions; 0 = from input size
-    chunk_mb: int = 64  # input bytes per read task
+    chunk_mb: float = 64.0  # input MiB per read task (fractions allowed, for tests)
     max_reject_fraction: float = 1.0  # fail when more than this fraction of rows is rejected
     overwrite: bool = False
 
@@ -94,8 +94,8 @@ class PreprocessConfig:
             raise ValueError("min_sequence_length must be >= 3: leave-one-out needs a train, a valid and a test item")
         if self.max_history < 1:
             raise ValueError("max_history must be >= 1")
-        if self.num_buckets < 0 or self.chunk_mb < 1:
-            raise ValueError("num_buckets must be >= 0 and chunk_mb >= 1")
+        if self.num_buckets < 0 or self.chunk_mb <= 0:
+            raise ValueError("num_buckets must be >= 0 and chunk_mb > 0")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError("max_reject_fraction must be in [0, 1]")
         if not self.columns.user or not self.columns.item or not self.columns.timestamp:

@@ -245,7 +245,7 @@ def _parse_stage(cfg, paths, catalog_ids, num_buckets, work: Path, reject_dir: P
     layouts = [readers.plan_layout(cfg, p, i) for i, p in enumerate(paths)]
     chunks: list[readers.Chunk] = []
     for lay in layouts:
-        chunks.extend(readers.plan_chunks(lay, cfg.chunk_mb << 20, cfg.format))
+        chunks.extend(readers.plan_chunks(lay, max(1, int(cfg.chunk_mb * (1 << 20))), cfg.format))
     if cfg.format != "parquet":
         # Absolute line numbers: count lines of every range in parallel.
         counter = ray.remote(num_cpus=1)(readers.count_lines)
@@ -276,7 +276,7 @@ def _parse_stage(cfg, paths, catalog_ids, num_buckets, work: Path, reject_dir: P
     ds = ray.data.from_items([{"i": i} for i in range(len(chunks))], override_num_blocks=len(chunks))
     ds = ds.map_batches(parse, batch_size=1, batch_format="pyarrow", fn_kwargs={"catalog": cat_ref},
                         num_cpus=1, zero_copy_batch=True)
-    ds.write_parquet(str(work / "buckets"), partition_cols=["_bucket"], min_rows_per_file=1)
+    ds.write_parquet(str(work / "buckets"), partition_cols=["_bucket"])
     import json
     return [json.loads(p.read_text()) for p in sorted(stats_dir.glob("chunk-*.json"))]
 

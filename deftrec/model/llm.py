@@ -400,7 +400,11 @@ def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works when only inputs_embeds (the continuous tokens) require grad,
         # e.g. under LoRA with frozen embeddings; the reentrant variant would silently drop those gradients.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     return model, tokenizer
 

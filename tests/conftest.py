@@ -1,0 +1,45 @@
+"""Shared fixtures: one Ray instance for the whole session, the shared datasets, small synthetic logs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Keep torch and BLAS from oversubscribing the 2-core CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that needs Ray."""
+    import ray
+
+    from deftrec.ray_utils import configure_data_context
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    configure_data_context()
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        raise RuntimeError(f"the shared datasets are expected at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory):
+    """A small synthetic log (deterministic) shared by several tests."""
+    from deftrec.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("synth") / "small"
+    generate(SynthConfig(users=300, items=120, mean_length=20, seed=7), out, log=lambda s: None)
+    return out
