@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from deftrec.model import llm as llm_mod
 from deftrec.model.llm import (
@@ -103,6 +102,36 @@ def test_materialize_cache_dir_is_atomic(tmp_path):
     with pytest.raises(RuntimeError):
         materialize_cache_dir(other, failing)
     assert not other.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def _slow_build(tmp: Path) -> dict:
+    import os
+    import time
+
+    with open(tmp.parent / "builds.log", "a") as log:  # one line per build actually run
+        log.write(f"{os.getpid()}\n")
+    time.sleep(0.5)
+    (tmp / "data").write_text("ok")
+    return {"ok": True}
+
+
+def _materialize_in_child(final: str) -> None:
+    materialize_cache_dir(Path(final), _slow_build)
+
+
+def test_materialize_cache_dir_builds_once_across_processes(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # fork: no re-import of torch in the children
+    final = tmp_path / "shared"
+    procs = [ctx.Process(target=_materialize_in_child, args=(str(final),)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=30)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    assert len((tmp_path / "builds.log").read_text().split()) == 1
+    assert (final / "data").read_text() == "ok"
 
 
 # ------------------------------------------------------------------------------------------ tiny tokenizer
@@ -254,7 +283,8 @@ def test_batched_left_padded_generation_matches_single(cache):
         singles = []
         for b, start in enumerate((0, 4)):
             one = build_generation_batch(tok, ph, histories[b : b + 1], PCFG)
-            one_embeds = build_inputs_embeds(model.get_input_embeddings(), one, items[start : start + len(histories[b])])
+            one_items = items[start : start + len(histories[b])]
+            one_embeds = build_inputs_embeds(model.get_input_embeddings(), one, one_items)
             singles.append(model.generate(inputs_embeds=one_embeds, attention_mask=one["attention_mask"], **kwargs)[0])
     assert batched.shape == (2, 6)
     for b in range(2):
@@ -265,7 +295,8 @@ def test_batched_left_padded_generation_matches_single(cache):
             inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
         ).logits[:, -1]
         one = build_generation_batch(tok, ph, histories[1:], PCFG)
-        single_last = model(inputs_embeds=build_inputs_embeds(model.get_input_embeddings(), one, items[4:])).logits[:, -1]
+        one_embeds = build_inputs_embeds(model.get_input_embeddings(), one, items[4:])
+        single_last = model(inputs_embeds=one_embeds).logits[:, -1]
     assert torch.allclose(last[1], single_last[0], atol=1e-5)
 
 

@@ -116,7 +116,8 @@ def test_response_wording():
     assert render_response("X", None, PromptConfig(domain="software")) == "The user may prefer software, such as X."
     # unknown domain: generic wording naming it verbatim
     assert render_prompt([], PromptConfig(domain="podcast")).startswith("You are a podcast recommender.")
-    assert render_response("Y", "News", PromptConfig(domain="podcast")) == "The user may prefer (News) podcast, such as Y."
+    podcast = PromptConfig(domain="podcast")
+    assert render_response("Y", "News", podcast) == "The user may prefer (News) podcast, such as Y."
     assert domain_for_dataset("lastfm") == "music" and domain_for_dataset("ml1m") == "movie"
     assert domain_for_dataset("unknown-set") == "unknown-set" and set(DATASET_DOMAINS) >= {"software", "beauty"}
 
@@ -307,7 +308,8 @@ def test_gather_combine_sum_shape():
     got = gather_placeholder_values(tokens, torch.tensor([2, 0]), torch.tensor([0, 0]))
     assert torch.equal(got, tokens[[2, 0]])
     three = torch.arange(24.0).reshape(2, 3, 4)
-    assert torch.equal(gather_placeholder_values(three, torch.tensor([1, 0]), torch.tensor([2, 1])), three[[1, 0], [2, 1]])
+    got = gather_placeholder_values(three, torch.tensor([1, 0]), torch.tensor([2, 1]))
+    assert torch.equal(got, three[[1, 0], [2, 1]])
 
 
 def test_placeholder_strings():

@@ -121,7 +121,9 @@ class LLMConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name_or_path, str) or not self.name_or_path.strip():
-            raise ValueError("LLMConfig.name_or_path must be a non-empty string (hub id, folder, 'wheel:...' or 'tiny')")
+            raise ValueError(
+                "LLMConfig.name_or_path must be a non-empty string (hub id, folder, 'wheel:...' or 'tiny')"
+            )
         if self.name_or_path.startswith("wheel:") and self.wheel_name not in WHEEL_SOURCES:
             raise ValueError(
                 f"LLMConfig.name_or_path={self.name_or_path!r}: unknown wheel source; known: "
@@ -196,17 +198,25 @@ class PlaceholderIds:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock (flock), so concurrent workers on one node convert a model only once."""
+def _file_lock(path: Path) -> Iterator[bool]:
+    """Exclusive inter-process lock (flock), so concurrent workers on one node convert a model only once.
+
+    Yields whether the lock is held: without fcntl, or on file systems that refuse flock, the atomic rename
+    alone still keeps the cache consistent (at worst two workers convert the same model).
+    """
     try:
         import fcntl
-    except ImportError:  # non-POSIX: atomic rename alone still keeps the cache consistent
-        yield
+    except ImportError:
+        yield False
         return
     with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
@@ -248,26 +258,49 @@ def materialize_cache_dir(
     if manifest is not None and is_valid(manifest):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f".{final.name}.lock"):
+    with _file_lock(final.parent / f".{final.name}.lock") as locked:
         manifest = _read_manifest(final)
         if manifest is not None and is_valid(manifest):  # another process finished while we waited
             return final
-        for leftover in final.parent.glob(f".tmp-{final.name}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        if locked:  # without the lock a leftover might be another worker's build in progress
+            for leftover in final.parent.glob(f".tmp-{final.name}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
             manifest = build(tmp)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
             _fsync_tree(tmp)
-            if final.exists():  # incomplete or outdated folder: move it aside first, rename needs the name free
-                stale = final.parent / f".stale-{final.name}-{uuid.uuid4().hex}"
-                os.rename(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.rename(tmp, final)
+            _publish(tmp, final, is_valid)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def _publish(tmp: Path, final: Path, is_valid: Callable[[dict[str, Any]], bool]) -> None:
+    """Rename the finished ``tmp`` onto ``final``; if a concurrent builder got there first, keep theirs.
+
+    Races only happen without the lock (file systems that refuse flock); with it this is a plain rename.
+    """
+
+    def published() -> bool:
+        manifest = _read_manifest(final)
+        return manifest is not None and is_valid(manifest)
+
+    if published():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if final.exists():  # incomplete or outdated folder: move it aside first, rename needs the name free
+        stale = final.parent / f".stale-{final.name}-{uuid.uuid4().hex}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not published():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:

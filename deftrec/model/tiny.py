@@ -66,7 +66,12 @@ def train_tiny_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
 
 def _cache_key(vocab_size: int) -> str:
     payload = json.dumps(
-        {"format": _TOKENIZER_FORMAT, "vocab_size": vocab_size, "corpus": tiny_corpus(), "specials": TINY_SPECIAL_TOKENS},
+        {
+            "format": _TOKENIZER_FORMAT,
+            "vocab_size": vocab_size,
+            "corpus": tiny_corpus(),
+            "specials": TINY_SPECIAL_TOKENS,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
