@@ -12,12 +12,16 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
+from deftrec.config import DeftRecConfig, DiffusionSettings, EvalConfig, TokenizerSettings, TrainConfig
 from deftrec.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from deftrec.data.config import PreprocessConfig
 from deftrec.data.synth import SynthConfig
 from deftrec.io import is_complete, read_manifest
+from deftrec.model.lightgcn import LightGCNConfig
+from deftrec.model.llm import LLMConfig
+from deftrec.model.prompts import PromptConfig
 
 
 @dataclasses.dataclass
@@ -37,6 +41,15 @@ class PipelineConfig:
     name: str = "deftrec"
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(synth=SynthConfig()))
     stages: list[str] = dataclasses.field(default_factory=lambda: ["synth", "preprocess"])
+    # Model sections: the fields of deftrec.config.DeftRecConfig, flat at the top level of a preset.
+    collab: LightGCNConfig = dataclasses.field(default_factory=LightGCNConfig)
+    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    tokenizer: TokenizerSettings = dataclasses.field(default_factory=TokenizerSettings)
+    diffusion: DiffusionSettings = dataclasses.field(default_factory=DiffusionSettings)
+    condition: Literal["prompt_state", "response_embeddings", "hidden_states"] = "prompt_state"
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def __post_init__(self):
         known = ("synth", "preprocess")
@@ -45,6 +58,15 @@ class PipelineConfig:
             raise ConfigError(f"stages: unknown stage(s) {bad}; available: {list(known)}")
         if "synth" in self.stages and self.data.synth is None:
             raise ConfigError("stages includes 'synth' but data.synth is not set")
+        self.deftrec_config()  # cross-section checks fail at load time, not at the training stage
+
+    def deftrec_config(self) -> DeftRecConfig:
+        """The model sections composed (and cross-validated) into a DeftRecConfig."""
+        names = [f.name for f in dataclasses.fields(DeftRecConfig) if f.name != "d_llm"]
+        try:
+            return DeftRecConfig(**{n: getattr(self, n) for n in names})
+        except ValueError as e:
+            raise ConfigError(f"config: {e}") from e
 
 
 def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:

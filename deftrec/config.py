@@ -1,0 +1,324 @@
+"""Typed configuration of a DeftRec model, its training and its evaluation.
+
+One validated dataclass per concern, composed into :class:`DeftRecConfig`:
+
+==============  =====================================================================
+``collab``      :class:`~deftrec.model.lightgcn.LightGCNConfig` (d_c = ``collab.dim``)
+``llm``         :class:`~deftrec.model.llm.LLMConfig`
+``prompt``      :class:`~deftrec.model.prompts.PromptConfig` (K / combine / user slots
+                are derived from ``tokenizer``)
+``tokenizer``   :class:`TokenizerSettings` (K, mask_ratio, combine, user_tokens)
+``diffusion``   :class:`DiffusionSettings` (DiffusionConfig minus the derived d_c/cond_dim)
+``condition``   ``"prompt_state"`` | ``"response_embeddings"`` | ``"hidden_states"``
+``train``       :class:`TrainConfig`
+``eval``        :class:`EvalConfig`
+==============  =====================================================================
+
+Derived fields are filled after init, like Hugging Face configs: ``d_c`` comes from
+``collab.dim``; ``d_llm`` (the LLM hidden size, also the diffusion condition size) is unknown
+until the LLM is loaded and is set by :meth:`DeftRecConfig.with_d_llm`; the component configs
+(:class:`~deftrec.model.tokenizer.ContinuousTokenizerConfig`,
+:class:`~deftrec.model.diffusion.DiffusionConfig`) are then built by
+:meth:`DeftRecConfig.tokenizer_config` / :meth:`DeftRecConfig.diffusion_config`.
+
+Presets live in ``pipelines/configs/*.yaml`` next to the pipeline's ``data`` and ``stages``
+sections; :func:`load_deftrec_config` reads one (with ``a.b=value`` overrides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from deftrec.model.diffusion import DiffusionConfig
+from deftrec.model.lightgcn import LightGCNConfig
+from deftrec.model.llm import LLMConfig
+from deftrec.model.prompts import PromptConfig
+from deftrec.model.tokenizer import ContinuousTokenizerConfig
+
+__all__ = [
+    "CONDITIONS",
+    "GENERATIVE_CONDITIONS",
+    "DeftRecConfig",
+    "DiffusionSettings",
+    "EvalConfig",
+    "TokenizerSettings",
+    "TrainConfig",
+    "load_deftrec_config",
+]
+
+#: Condition types (method.md section 4).
+CONDITIONS = ("prompt_state", "response_embeddings", "hidden_states")
+#: Conditions computed from generated reasoning text at inference.
+GENERATIVE_CONDITIONS = ("response_embeddings", "hidden_states")
+
+
+def _pos_int(owner: str, name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name} must be a positive int{' or null' if allow_none else ''}, got {value!r}")
+
+
+def _nonneg_float(owner: str, name: str, value, upper: float | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if ok and upper is not None:
+        ok = value < upper
+    if not ok:
+        rng = f"[0, {upper})" if upper is not None else ">= 0 and finite"
+        raise ValueError(f"{owner}.{name} must be a number in {rng}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class TokenizerSettings:
+    """Continuous tokenizer settings (method.md section 2); d_c and d_llm are derived."""
+
+    K: int = 2  # continuous tokens per entity (parallel branches)
+    mask_ratio: float = 0.1  # per-feature zeroing probability while training
+    combine: Literal["none", "sum"] = "none"  # "sum": the K branch outputs form one token
+    user_tokens: bool = False  # add a user slot filled from the LightGCN user matrix U
+    hidden: int | None = None  # residual MLP width; None -> d_c
+
+    def __post_init__(self) -> None:
+        _pos_int("tokenizer", "K", self.K)
+        _pos_int("tokenizer", "hidden", self.hidden, allow_none=True)
+        _nonneg_float("tokenizer", "mask_ratio", self.mask_ratio, upper=1.0)
+        if self.combine not in ("none", "sum"):
+            raise ValueError(f"tokenizer.combine must be 'none' or 'sum', got {self.combine!r}")
+
+
+@dataclass
+class DiffusionSettings:
+    """:class:`DiffusionConfig` minus the derived ``d_c``/``cond_dim`` (and minus the sampler, see
+    :class:`EvalConfig`).
+
+    ``x0_norm``: ``"std"`` divides the item matrix by its global standard deviation before it
+    becomes the diffusion target (x0) and the tokenizer input, so x0 has unit per-feature scale
+    like the N(0, I) noise (the scale-factor trick of latent diffusion). LightGCN embeddings are
+    ~0.1 per feature; without it x_t is mostly noise at every t and the denoiser has little signal.
+    Retrieval is unaffected: both L2 and inner-product rankings are invariant to a global positive
+    scale. ``"none"`` keeps the raw embeddings (the authors' setting).
+    """
+
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    hidden: int = 512
+    n_blocks: int = 2
+    dropout: float = 0.2
+    time_dim: int = 128
+    n_neg: int = 10
+    lambda_neg: float = 0.5
+    cond_dropout: float = 0.0
+    x0_norm: Literal["std", "none"] = "std"
+
+    def __post_init__(self) -> None:
+        if self.x0_norm not in ("std", "none"):
+            raise ValueError(f"diffusion.x0_norm must be 'std' or 'none', got {self.x0_norm!r}")
+        try:  # one source of truth for the numeric checks: DiffusionConfig's own validation
+            self.build(d_c=1, cond_dim=1)
+        except ValueError as e:
+            raise ValueError(str(e).replace("DiffusionConfig.", "diffusion.")) from None
+
+    def build(self, d_c: int, cond_dim: int, sampler: str = "ddim", ddim_steps: int = 1,
+              ddim_eta: float = 0.0, guidance_w: float = 0.0) -> DiffusionConfig:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "x0_norm"}
+        return DiffusionConfig(d_c=d_c, cond_dim=cond_dim, sampler=sampler, ddim_steps=ddim_steps,
+                               ddim_eta=ddim_eta, guidance_w=guidance_w, **fields)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of DeftRec (the LightGCN stage has its own settings in ``collab``).
+
+    Loss: L = lambda_lm * L_lm + L_pos + diffusion.lambda_neg * L_neg. Optimiser: AdamW with two
+    parameter groups (LLM at ``llm_lr``; tokenizers and diffusion head at ``lr``), linear warm-up
+    over ``warmup_steps`` then cosine decay to ``min_lr_ratio`` x peak at the last step. One
+    optimiser step = ``grad_accum`` micro-batches of ``batch_size`` samples.
+    """
+
+    lr: float = 1e-3  # tokenizers + diffusion head
+    llm_lr: float = 1e-3  # LLM parameters (LoRA adapters or all weights); authors: 1e-3 for all
+    weight_decay: float = 1e-5
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    epochs: int = 10
+    max_steps: int | None = None  # cap on optimiser steps (whichever comes first with epochs)
+    batch_size: int = 9  # micro-batch size (authors: 9)
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0  # max global grad norm; null disables clipping
+    lambda_lm: float = 0.1
+    min_history: int = 3  # shortest prefix that becomes a training sample
+    max_samples_per_user: int = 20  # newest prefixes first
+    seed: int = 42
+    validate_every: int | None = None  # optimiser steps between validations; null: every epoch end
+    valid_users: int | None = 1000  # validation subset size (fixed, seeded); null: all users
+    patience: int | None = None  # validations without NDCG@10 gain before stopping; null: never
+    log_every: int = 50  # optimiser steps between progress lines
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "llm_lr", "weight_decay", "lambda_lm"):
+            _nonneg_float("train", name, getattr(self, name))
+        if self.lr == 0:
+            raise ValueError("train.lr must be > 0 (the tokenizers and the diffusion head are always trained)")
+        _nonneg_float("train", "min_lr_ratio", self.min_lr_ratio)
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("epochs", "batch_size", "grad_accum", "min_history", "max_samples_per_user", "log_every"):
+            _pos_int("train", name, getattr(self, name))
+        for name in ("max_steps", "validate_every", "valid_users", "patience"):
+            _pos_int("train", name, getattr(self, name), allow_none=True)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be < train.max_steps "
+                             f"({self.max_steps}): the learning rate would never reach its peak")
+        if self.grad_clip is not None:
+            _nonneg_float("train", "grad_clip", self.grad_clip)
+            if self.grad_clip == 0:
+                raise ValueError("train.grad_clip must be > 0 or null (disabled)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"train.seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+@dataclass
+class EvalConfig:
+    """Inference and evaluation (method.md section 5)."""
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int | None = 50  # DDIM steps S (<= diffusion.T); ddpm: null or diffusion.T
+    eta: float = 0.0  # DDIM stochasticity (0: deterministic given x_T)
+    guidance_w: float = 0.0  # classifier-free guidance weight (needs diffusion.cond_dropout > 0)
+    max_gen_tokens: int = 32  # greedy reasoning length
+    score: Literal["l2", "ip"] = "l2"  # -||x0_hat - E_i||^2 or <x0_hat, E_i>
+    k: list[int] = field(default_factory=lambda: [5, 10, 20])
+    exclude_history: bool = True  # primary protocol (both are always reported)
+    batch_size: int = 64  # users per inference batch
+    seed: int = 0  # noise seed of evaluation runs
+
+    def __post_init__(self) -> None:
+        if self.sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"eval.sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
+        _pos_int("eval", "steps", self.steps, allow_none=True)
+        if self.sampler == "ddim" and self.steps is None:
+            raise ValueError("eval.steps must be set for the ddim sampler")
+        _nonneg_float("eval", "eta", self.eta)
+        _nonneg_float("eval", "guidance_w", self.guidance_w)
+        _pos_int("eval", "max_gen_tokens", self.max_gen_tokens)
+        _pos_int("eval", "batch_size", self.batch_size)
+        if self.score not in ("l2", "ip"):
+            raise ValueError(f"eval.score must be 'l2' or 'ip', got {self.score!r}")
+        if not self.k:
+            raise ValueError("eval.k must list at least one cutoff")
+        for k in self.k:
+            _pos_int("eval", "k", k)
+        self.k = sorted(set(self.k))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"eval.seed must be an int >= 0, got {self.seed!r}")
+
+
+# --------------------------------------------------------------------------------------------- composite
+
+
+_PROMPT_DEFAULTS = PromptConfig()
+
+
+@dataclass
+class DeftRecConfig:
+    """The whole model: sections above plus cross-field validation.
+
+    ``d_llm`` is derived (the LLM hidden size) and normally left unset; :meth:`with_d_llm` fills it.
+    """
+
+    collab: LightGCNConfig = field(default_factory=LightGCNConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
+    diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
+    condition: Literal["prompt_state", "response_embeddings", "hidden_states"] = "prompt_state"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    d_llm: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
+        _pos_int("config", "d_llm", self.d_llm, allow_none=True)
+        self._sync_prompt()
+        if self.condition in GENERATIVE_CONDITIONS and self.train.lambda_lm == 0:
+            # The condition is pooled from generated text at inference; without the LM loss the LLM
+            # never learns to write it, so training and inference conditions would be unrelated.
+            raise ValueError(f"condition={self.condition!r} is computed from generated text at inference "
+                             "and needs train.lambda_lm > 0; use condition=prompt_state to train without L_lm")
+        T = self.diffusion.T
+        if self.eval.sampler == "ddim" and self.eval.steps > T:
+            raise ValueError(f"eval.steps ({self.eval.steps}) must be <= diffusion.T ({T}) for the ddim sampler")
+        if self.eval.sampler == "ddpm" and self.eval.steps not in (None, T):
+            raise ValueError(f"eval.steps ({self.eval.steps}) must be null or diffusion.T ({T}) for ddpm, "
+                             "which runs every step; use eval.sampler=ddim for fewer steps")
+        if self.eval.guidance_w > 0 and self.diffusion.cond_dropout == 0:
+            raise ValueError(f"eval.guidance_w={self.eval.guidance_w} needs diffusion.cond_dropout > 0: "
+                             "the null condition of classifier-free guidance is never trained otherwise")
+
+    def _sync_prompt(self) -> None:
+        """prompt.K / combine_sum / user_tokens follow ``tokenizer``; an explicit conflicting value is an error."""
+        derived = {"K": self.tokenizer.K, "combine_sum": self.tokenizer.combine == "sum",
+                   "user_tokens": self.tokenizer.user_tokens}
+        for name, value in derived.items():
+            current = getattr(self.prompt, name)
+            if current != value and current != getattr(_PROMPT_DEFAULTS, name):
+                src = {"K": "tokenizer.K", "combine_sum": "tokenizer.combine", "user_tokens": "tokenizer.user_tokens"}
+                raise ValueError(f"prompt.{name}={current!r} contradicts {src[name]}; set it in the tokenizer "
+                                 "section only (the prompt layout is derived from it)")
+            setattr(self.prompt, name, value)
+
+    # -- derived values
+    @property
+    def d_c(self) -> int:
+        return self.collab.dim
+
+    @property
+    def needs_generation(self) -> bool:
+        """Whether inference must generate reasoning text to get the condition."""
+        return self.condition in GENERATIVE_CONDITIONS
+
+    def with_d_llm(self, d_llm: int) -> DeftRecConfig:
+        """Copy with the LLM hidden size filled in (validated)."""
+        return dataclasses.replace(self, d_llm=int(d_llm))
+
+    def _require_d_llm(self) -> int:
+        if self.d_llm is None:
+            raise ValueError("d_llm is not known yet: it is filled from the LLM once loaded (with_d_llm)")
+        return self.d_llm
+
+    def tokenizer_config(self) -> ContinuousTokenizerConfig:
+        t = self.tokenizer
+        return ContinuousTokenizerConfig(d_c=self.d_c, d_llm=self._require_d_llm(), K=t.K,
+                                         mask_ratio=t.mask_ratio, combine=t.combine, hidden=t.hidden)
+
+    def diffusion_config(self) -> DiffusionConfig:
+        e = self.eval
+        steps = e.steps if e.steps is not None else self.diffusion.T
+        return self.diffusion.build(d_c=self.d_c, cond_dim=self._require_d_llm(), sampler=e.sampler,
+                                    ddim_steps=steps, ddim_eta=e.eta, guidance_w=e.guidance_w)
+
+
+def load_deftrec_config(path: str | Path | None, overrides: list[str] | None = None) -> DeftRecConfig:
+    """Read a preset (``pipelines/configs/*.yaml``) through the pipeline loader and return its model part.
+
+    ``overrides`` are ``a.b=value`` strings, e.g. ``["train.max_steps=100", "condition=hidden_states"]``.
+    Raises :class:`~deftrec.config_utils.ConfigError` naming the offending field.
+    """
+    from deftrec.pipeline import load_pipeline_config
+
+    return load_pipeline_config(path, overrides).deftrec_config()
+

@@ -1,0 +1,332 @@
+"""A preprocessed dataset in compact numpy form, and the samples DeftRec trains and is evaluated on.
+
+Layout read (``deftrec.data.preprocess``): ``sequences.parquet`` (user, items, timestamps),
+``train/valid/test.parquet`` (user, history, target), ``items.parquet`` (item, item_id, title,
+category), ``manifest.json`` (must say ``status: complete``).
+
+Leave-one-out (method.md, "Task and protocol"), for a user with full sequence s of length n:
+test target s[-1], validation target s[-2], and the *training sequence* t = s[:-2] (length
+m = n - 2). Training samples are the prefixes of t: for every j with min_history <= j <= m - 1,
+history t[max(0, j - max_history):j] predicts t[j]; at most ``max_samples_per_user`` per user,
+newest (largest j) first. LightGCN sees the (user, item) pairs of t only.
+
+Ragged data (sequences, histories) is stored as one flat value array plus per-row
+``[start, stop)`` bounds (:class:`Ragged`): training histories are overlapping windows of the
+same flat sequence array, so building millions of samples copies no item ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from deftrec.io import ArtifactError, read_manifest
+
+__all__ = [
+    "Catalog",
+    "Dataset",
+    "EvalSet",
+    "Ragged",
+    "TrainingSamples",
+    "build_training_samples",
+    "load_dataset",
+    "training_pairs",
+]
+
+_SPLITS = ("train", "valid", "test")
+_FILES = ("sequences.parquet", "items.parquet") + tuple(f"{s}.parquet" for s in _SPLITS)
+
+
+# --------------------------------------------------------------------------------------------- containers
+
+
+@dataclass(frozen=True, eq=False)
+class Ragged(Sequence):
+    """Rows ``values[starts[i]:stops[i]]`` (rows may overlap or share storage).
+
+    Behaves as a read-only sequence of 1-D numpy views, so it can be passed wherever the metrics
+    and baselines expect "one int array per user". Slicing or fancy indexing returns a Ragged that
+    shares ``values``.
+    """
+
+    values: np.ndarray  # flat item ids
+    starts: np.ndarray  # int64 [n]
+    stops: np.ndarray  # int64 [n]
+
+    def __post_init__(self) -> None:
+        if self.starts.shape != self.stops.shape or self.starts.ndim != 1:
+            raise ValueError(f"starts and stops must be 1-D of equal length, got {self.starts.shape}, {self.stops.shape}")
+        if self.starts.size and (self.starts.min() < 0 or self.stops.max() > self.values.size
+                                 or (self.stops < self.starts).any()):
+            raise ValueError("row bounds must satisfy 0 <= start <= stop <= len(values)")
+
+    @classmethod
+    def from_offsets(cls, values: np.ndarray, offsets: np.ndarray) -> Ragged:
+        offsets = np.asarray(offsets, dtype=np.int64)
+        return cls(np.asarray(values), offsets[:-1].copy(), offsets[1:].copy())
+
+    @classmethod
+    def from_lists(cls, rows: Sequence[Sequence[int]], dtype=np.int64) -> Ragged:
+        """Small inputs (tests, single requests): a list of id lists."""
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        flat = np.fromiter((int(x) for r in rows for x in r), dtype=dtype, count=int(lengths.sum()))
+        return cls.from_offsets(flat, np.concatenate([[0], np.cumsum(lengths)]))
+
+    @classmethod
+    def from_arrow(cls, column: pa.Array | pa.ChunkedArray) -> Ragged:
+        """A list<int> column; works for sliced/taken arrays (offsets are rebuilt from lengths)."""
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if column.null_count:
+            raise ArtifactError("list column has null rows")
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+        return cls.from_offsets(values, np.concatenate([[0], np.cumsum(lengths)]))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.stops - self.starts
+
+    def __len__(self) -> int:
+        return int(self.starts.size)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            i = int(index)
+            if i < 0:
+                i += len(self)
+            if not 0 <= i < len(self):
+                raise IndexError(f"row {index} out of range for {len(self)} rows")
+            return self.values[self.starts[i]:self.stops[i]]
+        return Ragged(self.values, self.starts[index], self.stops[index])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for a, b in zip(self.starts.tolist(), self.stops.tolist()):
+            yield self.values[a:b]
+
+    def truncate(self, max_len: int) -> Ragged:
+        """Keep the last ``max_len`` items of every row (a view)."""
+        return Ragged(self.values, np.maximum(self.starts, self.stops - max_len), self.stops)
+
+    def drop_last(self, n: int) -> Ragged:
+        """Rows without their last ``n`` items (e.g. s[:-2], the training sequence)."""
+        return Ragged(self.values, self.starts, np.maximum(self.starts, self.stops - n))
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row index, item) of every element, vectorised (row-major, in order)."""
+        lengths = self.lengths
+        total = int(lengths.sum())
+        rows = np.repeat(np.arange(len(self), dtype=np.int64), lengths)
+        pos = np.repeat(self.starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(total)
+        return rows, self.values[pos].astype(np.int64, copy=False)
+
+    def last(self, fill: int = -1) -> np.ndarray:
+        """Last item of every row, ``fill`` for empty rows."""
+        out = np.full(len(self), fill, dtype=np.int64)
+        ok = self.stops > self.starts
+        out[ok] = self.values[self.stops[ok] - 1]
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class Catalog:
+    """Item texts indexed by item id 0..n_items-1 (object arrays of str)."""
+
+    item_ids: np.ndarray  # original ids (str)
+    titles: np.ndarray
+    categories: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not (len(self.item_ids) == len(self.titles) == len(self.categories)):
+            raise ValueError("item_ids, titles and categories must have the same length")
+
+    @property
+    def n_items(self) -> int:
+        return len(self.titles)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> Catalog:
+        item = table.column("item").to_numpy().astype(np.int64)
+        n = int(item.max()) + 1 if item.size else 0
+        if item.size and (item.min() < 0 or np.unique(item).size != item.size):
+            raise ArtifactError("items.parquet: item indices must be distinct and >= 0")
+        # Gaps (possible with published indices) get placeholder texts so lookups stay by index.
+        ids = np.array([f"item {i}" for i in range(n)], dtype=object)
+        titles, cats = ids.copy(), np.full(n, "", dtype=object)
+        ids[item] = np.asarray(table.column("item_id").to_pylist(), dtype=object)
+        titles[item] = np.asarray([t if t is not None else "" for t in table.column("title").to_pylist()],
+                                  dtype=object)
+        cats[item] = np.asarray([c if c is not None else "" for c in table.column("category").to_pylist()],
+                                dtype=object)
+        return cls(ids, titles, cats)
+
+    @classmethod
+    def synthetic(cls, n_items: int) -> Catalog:
+        """Titles "item 0".. for callers without a catalog (tests, id-only data)."""
+        ids = np.array([str(i) for i in range(n_items)], dtype=object)
+        return cls(ids, np.array([f"item {i}" for i in range(n_items)], dtype=object), np.full(n_items, "", object))
+
+
+@dataclass(frozen=True, eq=False)
+class EvalSet:
+    """Rows of one split table: users [n], histories (Ragged), targets [n], sorted by user."""
+
+    users: np.ndarray
+    histories: Ragged
+    targets: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not (len(self.users) == len(self.histories) == len(self.targets)):
+            raise ValueError("users, histories and targets must have the same length")
+
+    def __len__(self) -> int:
+        return int(self.users.size)
+
+    def subset(self, index) -> EvalSet:
+        return EvalSet(self.users[index], self.histories[index], self.targets[index])
+
+    def sample(self, n: int | None, seed: int) -> EvalSet:
+        """A fixed random subset of ``n`` rows (all rows when n is None or >= len), in user order."""
+        if n is None or n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+        return self.subset(idx)
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingSamples:
+    """Training samples: ``histories[i]`` (a window of the training sequence) predicts ``targets[i]``."""
+
+    users: np.ndarray  # int64 [S]
+    histories: Ragged  # windows into the flat sequence array
+    targets: np.ndarray  # int64 [S]
+
+    def __len__(self) -> int:
+        return int(self.users.size)
+
+    def subset(self, index) -> TrainingSamples:
+        return TrainingSamples(self.users[index], self.histories[index], self.targets[index])
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A preprocessed directory in memory."""
+
+    root: Path
+    users: np.ndarray  # int64 [n_seq] user id of each sequence row (sorted)
+    sequences: Ragged  # full chronological sequences
+    catalog: Catalog
+    train: EvalSet
+    valid: EvalSet
+    test: EvalSet
+    n_users: int  # max user id + 1 (LightGCN's user table size)
+    n_items: int  # catalog size
+    manifest: dict
+
+    @property
+    def train_sequences(self) -> Ragged:
+        """s[:-2] for every user: what LightGCN and the training samples may see."""
+        return self.sequences.drop_last(2)
+
+    def sequences_before(self, split: str) -> Ragged:
+        """Everything before the split's target: s[:-2] for valid, s[:-1] for test (baselines' fit data)."""
+        drop = {"train": 3, "valid": 2, "test": 1}
+        if split not in drop:
+            raise ValueError(f"split must be one of {list(drop)}, got {split!r}")
+        return self.sequences.drop_last(drop[split])
+
+    def split(self, name: str) -> EvalSet:
+        if name not in _SPLITS:
+            raise ValueError(f"split must be one of {_SPLITS}, got {name!r}")
+        return getattr(self, name)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _read_sorted(path: Path, columns: list[str]) -> pa.Table:
+    table = pq.read_table(path, columns=columns)
+    return table.sort_by("user")  # parts come in any order; rows are keyed by user
+
+
+def _read_split(path: Path) -> EvalSet:
+    t = _read_sorted(path, ["user", "history", "target"])
+    return EvalSet(t.column("user").to_numpy().astype(np.int64), Ragged.from_arrow(t.column("history")),
+                   t.column("target").to_numpy().astype(np.int64))
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Load a preprocessed directory; raises ArtifactError if it is incomplete or inconsistent."""
+    root = Path(path)
+    manifest = read_manifest(root)  # raises unless status == complete
+    missing = [f for f in _FILES if not (root / f).exists()]
+    if missing:
+        raise ArtifactError(f"{root}: complete manifest but missing {missing}")
+    seq = _read_sorted(root / "sequences.parquet", ["user", "items"])
+    users = seq.column("user").to_numpy().astype(np.int64)
+    if users.size == 0:
+        raise ArtifactError(f"{root}: no sequences")
+    if np.unique(users).size != users.size:
+        raise ArtifactError(f"{root}: sequences.parquet has repeated users")
+    sequences = Ragged.from_arrow(seq.column("items"))
+    if sequences.lengths.min() < 3:
+        raise ArtifactError(f"{root}: a sequence is shorter than 3 (leave-one-out needs train, valid and test items)")
+    catalog = Catalog.from_table(pq.read_table(root / "items.parquet"))
+    splits = {name: _read_split(root / f"{name}.parquet") for name in _SPLITS}
+    n_items = catalog.n_items
+    for name, es in splits.items():
+        if not np.array_equal(es.users, users):
+            raise ArtifactError(f"{root}: {name}.parquet users differ from sequences.parquet")
+        hi = max(int(es.targets.max()), int(es.histories.values.max()) if es.histories.values.size else -1)
+        if es.targets.min() < 0 or hi >= n_items:
+            raise ArtifactError(f"{root}: {name}.parquet has item ids outside the catalog [0, {n_items})")
+    if sequences.values.size and (sequences.values.min() < 0 or sequences.values.max() >= n_items):
+        raise ArtifactError(f"{root}: sequences.parquet has item ids outside the catalog [0, {n_items})")
+    return Dataset(root=root, users=users, sequences=sequences, catalog=catalog, n_users=int(users.max()) + 1,
+                   n_items=n_items, manifest=manifest, **splits)
+
+
+# --------------------------------------------------------------------------------------------- samples
+
+
+def build_training_samples(
+    sequences: Ragged,
+    users: np.ndarray,
+    min_history: int = 3,
+    max_samples_per_user: int = 20,
+    max_history: int = 20,
+) -> TrainingSamples:
+    """Prefix samples of the given (already cut) training sequences, vectorised.
+
+    For a row t of length m: j = m-1, m-2, ..., max(min_history, m - max_samples_per_user) gives
+    history t[max(0, j - max_history):j] and target t[j]. Samples are user-major (in row order),
+    newest first within a user.
+    """
+    if min_history < 1 or max_samples_per_user < 1 or max_history < 1:
+        raise ValueError("min_history, max_samples_per_user and max_history must be >= 1")
+    users = np.asarray(users, dtype=np.int64)
+    if users.shape != (len(sequences),):
+        raise ValueError(f"users must be [{len(sequences)}], got {users.shape}")
+    m = sequences.lengths
+    count = np.clip(m - min_history, 0, max_samples_per_user)  # targets j in [min_history, m-1]
+    total = int(count.sum())
+    row = np.repeat(np.arange(len(sequences), dtype=np.int64), count)
+    # r-th newest sample of a row (r = 0, 1, ...): r = global index - first index of the row
+    first = np.concatenate([[0], np.cumsum(count)[:-1]])
+    r = np.arange(total, dtype=np.int64) - np.repeat(first, count)
+    target_pos = sequences.stops[row] - 1 - r  # absolute position of t[j] in the flat array
+    hist_start = np.maximum(sequences.starts[row], target_pos - max_history)
+    hist = Ragged(sequences.values, hist_start, target_pos)
+    return TrainingSamples(users[row], hist, sequences.values[target_pos].astype(np.int64))
+
+
+def training_pairs(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(user, item) interactions of the training sequences s[:-2] (LightGCN's graph)."""
+    rows, items = dataset.train_sequences.flat()
+    return dataset.users[rows], items
