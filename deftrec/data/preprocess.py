@@ -126,8 +126,8 @@ def build_splits(user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray, max
 
 
 def _read_bucket(path: str) -> pa.Table:
-    t = pq.read_table(path, schema=readers.VALID_SCHEMA.remove(readers.VALID_SCHEMA.get_field_index("_bucket")))
-    return t
+    # the Hive partition column is in the directory name, not in the files
+    return pq.read_table(path, schema=readers.VALID_SCHEMA.remove(readers.VALID_SCHEMA.get_field_index("_bucket")))
 
 
 def _removed(t: pa.Table, reason: str) -> pa.Table:
@@ -188,8 +188,7 @@ def finalize_bucket(src: str, dst: str, removed_path: str, items: Optional[pa.Ar
     removed = [_removed(t.filter(pa.array(item_removed)), "item_core")]
     if user_removed.any():
         ur = t.filter(pa.array(user_removed))
-        per_user = pc.value_counts(ur.column("user_id"))
-        # a user's remaining count decides the reason
+        # a user's count after the item filter decides the reason
         sub = t.filter(pa.array(~item_removed))
         cnt = sub.group_by("user_id").aggregate([("user_id", "count")])
         short = cnt.filter(pc.less(cnt.column("user_id_count"), user_core)).column("user_id") if user_core else pa.array([], pa.string())
@@ -198,7 +197,6 @@ def finalize_bucket(src: str, dst: str, removed_path: str, items: Optional[pa.Ar
         removed.append(_removed(ur.filter(pc.invert(is_core)), "short_sequence"))
         counts["user_core"] = int(pc.sum(is_core).as_py() or 0)
         counts["short_sequence"] = ur.num_rows - counts["user_core"]
-        del per_user
     rem = pa.concat_tables(removed)
     if rem.num_rows:
         pq.write_table(rem, removed_path)
