@@ -167,10 +167,10 @@ class BatchRecommender:
         self.index = load_index(index_dir, IndexConfig(**imanifest["config"]))
         self.metric = imanifest["metric"]
         self.explain, self.k = explain, k
-        self.load_seconds = time.time() - t0
+        self.load_seconds = time.time() - t0  # reported once, with this actor's first batch
 
     def __call__(self, batch: dict) -> dict:
-        users = np.asarray(batch["user"], dtype=np.int64)
+        users = np.array(batch["user"], dtype=np.int64)  # a writable copy: torch wraps it
         histories = [np.asarray(h, dtype=np.int64) for h in batch["history"]]
         t0 = time.time()
         cond, text = self.rec.conditions(histories, users=users if self.model.cfg.tokenizer.user_tokens else None,
@@ -183,13 +183,17 @@ class BatchRecommender:
         kp_ids, kp_sc = search(self.index, query, self.k, self.metric)
         t3 = time.time()
         n = len(users)
+        load, self.load_seconds = self.load_seconds, 0.0
+        ecfg = self.rec.cfg
         return {
             "user": users, "target": np.asarray(batch["target"], dtype=np.int64),
             "items_excluded": list(ex_ids), "scores_excluded": list(ex_sc),
             "items_kept": list(kp_ids), "scores_kept": list(kp_sc),
             "reasoning": np.array(text if text is not None else [None] * n, dtype=object),
             "seconds_condition": np.full(n, (t1 - t0) / n), "seconds_sample": np.full(n, (t2 - t1) / n),
-            "seconds_search": np.full(n, (t3 - t2) / n), "seconds_load": np.full(n, self.load_seconds / n),
+            "seconds_search": np.full(n, (t3 - t2) / n), "seconds_load": np.full(n, load / n),
+            "sampler": np.array([ecfg.sampler] * n), "steps": np.full(n, ecfg.steps if ecfg.steps else -1),
+            "seed": np.full(n, ecfg.seed),
         }
 
 
@@ -259,14 +263,12 @@ def run_evaluation(run_dir: str | Path, cfg: EvalJobConfig, log: Callable = prin
         seconds["baselines"] = time.time() - t0
         top10 = np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False))[:, :10]
         coverage = float(np.unique(top10[top10 >= 0]).size / data.n_items)
-        m_manifest = read_manifest(model_dir)
-        eval_cfg = m_manifest.get("config", {}).get("eval", {})
         seconds["total"] = time.time() - t_all
+        steps = int(recs.column("steps")[0].as_py())
         metrics = {
             "schema_version": 1, "split": cfg.split, "users": int(len(es)),
-            "sampler": cfg.sampler or eval_cfg.get("sampler"),
-            "steps": cfg.steps if cfg.steps is not None else eval_cfg.get("steps"),
-            "seed": cfg.seed if cfg.seed is not None else eval_cfg.get("seed"), "k": k,
+            "sampler": recs.column("sampler")[0].as_py(), "steps": steps if steps > 0 else None,
+            "seed": int(recs.column("seed")[0].as_py()), "k": k,
             "seconds": {s: round(v, 3) for s, v in seconds.items()}, "coverage": coverage,
             "results": results, "model_version": model_version(model_dir),
             "index_version": read_manifest(index_dir).get("version"), "protocol": PROTOCOL,
