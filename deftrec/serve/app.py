@@ -1,0 +1,175 @@
+"""Ray Serve application: FastAPI ingress + a batching recommender deployment.
+
+    serve run deftrec.serve:app run_dir=runs/tiny          # or DEFTREC_RUN_DIR=runs/tiny serve run deftrec.serve:app
+    serve deploy cluster/serve_config.yaml                 # production
+
+Routes: ``POST /recommend``, ``GET /items/{item_id}``, ``GET /healthz``, ``GET /openapi.json``
+(docs at ``/docs``). The recommender runs generation/sampling once per ``@serve.batch`` batch; a
+new model or index version is swapped in through ``user_config`` -> ``reconfigure`` after it has
+loaded and passed a warm-up, so requests in flight finish on the old version and none fail.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the real types to read bodies.
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from deftrec.serve.engine import Catalog, Query, RecommenderEngine, UnknownId, history_key
+from deftrec.serve.schemas import Health, Item, RecommendRequest, RecommendResponse, ScoredItem
+
+MAX_BODY_BYTES = 64 * 1024
+
+api = FastAPI(title="DeftRec recommendations", version="1",
+              description="Generative recommendation with continuous-token diffusion (DeftRec).")
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """Refuse oversized bodies before they are parsed (413), including chunked uploads."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+    elif request.method in ("POST", "PUT", "PATCH"):
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+    return await call_next(request)
+
+
+@serve.deployment(name="Recommender", max_ongoing_requests=64)
+class Recommender:
+    """Holds one engine (model + index). Batches concurrent requests; swaps versions in reconfigure."""
+
+    def __init__(self, run_dir: str, loader: Optional[Callable] = None, max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.01):
+        self.run_dir = Path(run_dir)
+        self.loader = loader
+        self.engine: Optional[RecommenderEngine] = None
+        self.dirs: tuple[str, str] | None = None
+        self.recommend_batch.set_max_batch_size(max_batch_size)
+        self.recommend_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._load(str(self.run_dir / "model"), str(self.run_dir / "index"))
+
+    def _load(self, model_dir: str, index_dir: str) -> None:
+        engine = RecommenderEngine(model_dir, index_dir, loader=self.loader)
+        engine.check()  # warm-up: the first real request should not pay for lazy initialisation
+        self.engine, self.dirs = engine, (model_dir, index_dir)  # one assignment: in-flight batches keep theirs
+
+    def reconfigure(self, user_config: dict) -> None:
+        model_dir = str(user_config.get("model_dir") or self.run_dir / "model")
+        index_dir = str(user_config.get("index_dir") or self.run_dir / "index")
+        if (model_dir, index_dir) != self.dirs:
+            self._load(model_dir, index_dir)
+
+    def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("no model loaded")
+        self.engine.check()
+
+    def versions(self) -> dict:
+        return {"model_version": self.engine.model_version, "index_version": self.engine.index_version}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def recommend_batch(self, queries: list[Query]) -> list[dict]:
+        engine = self.engine  # pin this batch to one version
+        results, timings = await asyncio.get_running_loop().run_in_executor(None, engine.recommend, queries)
+        for r in results:
+            r.update(timings_ms=dict(timings), model_version=engine.model_version,
+                     index_version=engine.index_version)
+        return results
+
+    async def recommend(self, query: Query) -> dict:
+        return await self.recommend_batch(query)
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, recommender, run_dir: str, max_history: Optional[int] = None):
+        from deftrec.io import read_manifest
+
+        self.recommender = recommender
+        data_dir = Path(run_dir) / "data"
+        if max_history is None:
+            cfg = read_manifest(Path(run_dir) / "model").get("config", {}) if (Path(run_dir) / "model").exists() else {}
+            max_history = int(cfg.get("prompt", {}).get("max_history", 20))
+        self.catalog = Catalog(data_dir, max_history)
+        self.user_offset = len(self.catalog.user_index) + 1
+
+    @api.post("/recommend", response_model=RecommendResponse, responses={404: {"description": "unknown id"}})
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        t0 = time.perf_counter()
+        try:
+            user = self.catalog.user(req.user_id) if req.user_id is not None else None
+            if req.history is not None:
+                history = self.catalog.items(req.history)[-self.catalog.max_history:]
+            else:
+                history = self.catalog.stored_history(user)
+        except UnknownId as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
+        k = min(req.k, self.catalog.n_items)
+        q = Query(history=history, key=user if user is not None else history_key(history, self.user_offset),
+                  user=user, k=k, exclude_history=req.exclude_history, explain=req.explain)
+        res = await self.recommender.recommend.remote(q)
+        timings = res["timings_ms"]
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        return RecommendResponse(
+            items=[ScoredItem(**self.catalog.describe(i), score=s) for i, s in res["items"]],
+            reasoning=res["reasoning"], model_version=res["model_version"], index_version=res["index_version"],
+            timings_ms=timings)
+
+    @api.get("/items/{item_id}", response_model=Item, responses={404: {"description": "unknown item"}})
+    async def item(self, item_id: str) -> Item:
+        try:
+            idx = int(self.catalog.items([item_id])[0])
+        except UnknownId as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
+        return Item(**self.catalog.describe(idx))
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        v = await self.recommender.versions.remote()
+        return Health(status="ok", items=self.catalog.n_items, **v)
+
+
+def build_app(run_dir: Optional[str] = None, loader: Optional[Callable] = None, num_cpus: float = 1.0,
+              num_gpus: float = 0.0, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01,
+              num_replicas: Any = 1, user_config: Optional[dict] = None, ingress_cpus: float = 0.0):
+    run_dir = run_dir or os.environ.get("DEFTREC_RUN_DIR")
+    if not run_dir:
+        raise ValueError("no run directory: pass run_dir=DIR (serve run deftrec.serve:app run_dir=DIR) "
+                         "or set DEFTREC_RUN_DIR")
+    run_dir = str(Path(run_dir).resolve())
+    for sub in ("data", "model", "index"):
+        if not (Path(run_dir) / sub / "manifest.json").is_file():
+            raise ValueError(f"{run_dir}/{sub} is missing or incomplete; run the pipeline first")
+    rec_opts: dict = {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+                      "max_ongoing_requests": max(64, 2 * max_batch_size)}
+    if isinstance(num_replicas, dict):
+        rec_opts["autoscaling_config"] = num_replicas
+    else:
+        rec_opts["num_replicas"] = num_replicas
+    if user_config is not None:
+        rec_opts["user_config"] = user_config
+    recommender = Recommender.options(**rec_opts).bind(run_dir, loader, max_batch_size, batch_wait_timeout_s)
+    return Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(recommender, run_dir)
+
+
+def app(args: dict):
+    """Application builder for ``serve run deftrec.serve:app run_dir=DIR`` and ``serve deploy``."""
+    args = dict(args or {})
+    kwargs: dict = {"run_dir": args.pop("run_dir", None)}
+    for key, conv in (("num_cpus", float), ("num_gpus", float), ("max_batch_size", int),
+                      ("batch_wait_timeout_s", float)):
+        if key in args:
+            kwargs[key] = conv(args.pop(key))
+    if args:
+        raise ValueError(f"unknown application argument(s) {sorted(args)}")
+    return build_app(**kwargs)

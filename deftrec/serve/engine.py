@@ -1,0 +1,160 @@
+"""Serving logic without Serve: the catalog lookups and the batched recommender.
+
+Kept apart from the Ray Serve deployments so it can be tested directly and reused; the
+deployments in :mod:`deftrec.serve.app` only add HTTP, batching and lifecycle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from deftrec.index import IndexConfig, load_index, search
+from deftrec.io import ArtifactError, is_complete, read_manifest
+
+
+class UnknownId(KeyError):
+    """A user or item id that the catalog does not know (HTTP 404)."""
+
+    def __init__(self, kind: str, value):
+        super().__init__(f"unknown {kind} {value!r}")
+        self.kind, self.value = kind, value
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class Catalog:
+    """Item metadata, id maps and stored user histories of one preprocessed data directory."""
+
+    def __init__(self, data_dir: str | Path, max_history: int):
+        data_dir = Path(data_dir)
+        read_manifest(data_dir)  # refuse an incomplete directory
+        items = pq.read_table(data_dir / "items.parquet").sort_by("item")
+        self.item_ids = [str(x) for x in items.column("item_id").to_pylist()]
+        self.titles = items.column("title").to_pylist()
+        self.categories = items.column("category").to_pylist()
+        self.item_index = {iid: i for i, iid in enumerate(self.item_ids)}
+        users = pq.read_table(data_dir / "users.parquet")
+        self.user_index = {str(u): int(i) for u, i in zip(users.column("user_id").to_pylist(),
+                                                          users.column("user").to_pylist())}
+        seq = pq.read_table(data_dir / "sequences.parquet", columns=["user", "items"]).sort_by("user")
+        self._seq_users = seq.column("user").to_numpy()
+        col = seq.column("items").combine_chunks()
+        self._offsets = col.offsets.to_numpy()
+        self._values = col.values.to_numpy()
+        self.max_history = max_history
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def user(self, user_id) -> int:
+        key = str(user_id)
+        if key not in self.user_index:
+            raise UnknownId("user_id", user_id)
+        return self.user_index[key]
+
+    def items(self, item_ids: Sequence) -> np.ndarray:
+        out = np.empty(len(item_ids), dtype=np.int64)
+        for j, iid in enumerate(item_ids):
+            idx = self.item_index.get(str(iid))
+            if idx is None:
+                raise UnknownId("item_id", iid)
+            out[j] = idx
+        return out
+
+    def stored_history(self, user: int) -> np.ndarray:
+        """The user's most recent ``max_history`` interactions (everything we know, test item included)."""
+        pos = int(np.searchsorted(self._seq_users, user))
+        if pos >= len(self._seq_users) or self._seq_users[pos] != user:
+            raise UnknownId("user_id", user)
+        s, e = self._offsets[pos], self._offsets[pos + 1]
+        return self._values[max(s, e - self.max_history):e].astype(np.int64)
+
+    def describe(self, idx: int) -> dict:
+        return {"item_id": self.item_ids[idx], "title": self.titles[idx], "category": self.categories[idx]}
+
+
+@dataclasses.dataclass
+class Query:
+    history: np.ndarray  # item indices, oldest first
+    key: int  # noise key: the user index for known users (as in batch evaluation), else a history hash
+    user: Optional[int]
+    k: int
+    exclude_history: bool
+    explain: bool
+
+
+def history_key(history: np.ndarray, offset: int) -> int:
+    """Deterministic noise key for an anonymous history (never collides with user indices)."""
+    digest = hashlib.blake2b(np.asarray(history, dtype=np.int64).tobytes(), digest_size=4).digest()
+    return offset + int.from_bytes(digest, "little") % (2**30)
+
+
+def _default_loader(model_dir: str):
+    from deftrec.export import load_model
+
+    return load_model(model_dir)
+
+
+class RecommenderEngine:
+    """Model + index of one version. ``recommend`` serves a whole batch with one pass per stage."""
+
+    def __init__(self, model_dir: str | Path, index_dir: str | Path, loader: Optional[Callable] = None):
+        from deftrec.evaluation import model_version
+        from deftrec.model.deftrec import DeftRecRecommender
+
+        for d, what in ((model_dir, "model export"), (index_dir, "index")):
+            if not is_complete(d):
+                raise ArtifactError(f"{d}: no complete {what}")
+        self.model = (loader or _default_loader)(str(model_dir))
+        self.model.eval()
+        self.rec = DeftRecRecommender(self.model)
+        im = read_manifest(index_dir)
+        self.index = load_index(index_dir, IndexConfig(**im["config"]))
+        self.metric = im["metric"]
+        self.model_version = model_version(model_dir)
+        self.index_version = str(im.get("version"))
+        if im.get("model_version") not in (None, self.model_version):
+            raise ArtifactError(f"{index_dir} was built for model {im.get('model_version')}, "
+                                f"not {self.model_version}; rebuild it (pipelines.index)")
+        self.user_tokens = bool(self.model.cfg.tokenizer.user_tokens)
+
+    def recommend(self, queries: Sequence[Query]) -> tuple[list[dict], dict]:
+        """-> (per query {"items": [(idx, score)], "reasoning"}, stage timings in ms for the batch)."""
+        t0 = time.perf_counter()
+        keys = np.array([q.key for q in queries], dtype=np.int64)
+        users = np.array([q.user if q.user is not None else 0 for q in queries], dtype=np.int64)
+        explain = any(q.explain for q in queries)
+        cond, text = self.rec.conditions([q.history for q in queries],
+                                         users=users if self.user_tokens else None, explain=explain)
+        t1 = time.perf_counter()
+        x0 = self.rec.sample(cond, keys)
+        query = (x0.float() / self.model.x0_scale).cpu().numpy()
+        t2 = time.perf_counter()
+        k = max(q.k for q in queries)
+        ids, scores = search(self.index, query, k, self.metric,
+                             exclude=[q.history if q.exclude_history else () for q in queries])
+        t3 = time.perf_counter()
+        out = []
+        for r, q in enumerate(queries):
+            keep = ids[r, : q.k] >= 0
+            out.append({"items": list(zip(ids[r, : q.k][keep].tolist(), scores[r, : q.k][keep].tolist())),
+                        "reasoning": text[r] if (text is not None and q.explain) else None})
+        timings = {"condition": (t1 - t0) * 1e3, "sample": (t2 - t1) * 1e3, "search": (t3 - t2) * 1e3,
+                   "batch_size": float(len(queries))}
+        return out, timings
+
+    def check(self) -> None:
+        """A real end-to-end pass on one short history; raises if anything is wrong."""
+        res, _ = self.recommend([Query(np.array([0]), key=0, user=0, k=1, exclude_history=False, explain=False)])
+        items = res[0]["items"]
+        if len(items) != 1 or not np.isfinite(items[0][1]):
+            raise RuntimeError(f"health check returned {items}")

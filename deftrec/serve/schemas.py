@@ -1,0 +1,52 @@
+"""Request and response schemas of the recommendation API (Pydantic; they are the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_HISTORY_ITEMS = 500  # longer histories are refused (422); the model only reads the last max_history
+Id = Union[str, int]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Optional[Id] = Field(None, description="a known user; their stored history is used unless `history` is given")
+    history: Optional[list[Id]] = Field(None, min_length=1, max_length=MAX_HISTORY_ITEMS,
+                                        description="item ids, oldest first")
+    k: int = Field(10, ge=1, le=100, description="number of recommendations")
+    exclude_history: bool = Field(True, description="never recommend items already in the history")
+    explain: bool = Field(False, description="also return the generated reasoning text")
+
+    @model_validator(mode="after")
+    def _need_user_or_history(self):
+        if self.user_id is None and self.history is None:
+            raise ValueError("give user_id or history (or both: history then replaces the stored one)")
+        return self
+
+
+class Item(BaseModel):
+    item_id: str
+    title: str
+    category: str
+
+
+class ScoredItem(Item):
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    items: list[ScoredItem]
+    reasoning: Optional[str] = None
+    model_version: str
+    index_version: str
+    timings_ms: dict[str, float]
+
+
+class Health(BaseModel):
+    status: str
+    model_version: str
+    index_version: str
+    items: int
