@@ -48,24 +48,29 @@ class Recommender:
     """Holds one engine (model + index). Batches concurrent requests; swaps versions in reconfigure."""
 
     def __init__(self, run_dir: str, loader: Optional[Callable] = None, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.01):
+                 batch_wait_timeout_s: float = 0.01, ddim_steps: Optional[int] = None):
         self.run_dir = Path(run_dir)
         self.loader = loader
+        self.ddim_steps = ddim_steps
         self.engine: Optional[RecommenderEngine] = None
-        self.dirs: tuple[str, str] | None = None
+        self.dirs: tuple[str, str, Optional[int]] | None = None
         self.recommend_batch.set_max_batch_size(max_batch_size)
         self.recommend_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._load(str(self.run_dir / "model"), str(self.run_dir / "index"))
 
     def _load(self, model_dir: str, index_dir: str) -> None:
-        engine = RecommenderEngine(model_dir, index_dir, loader=self.loader)
+        engine = RecommenderEngine(model_dir, index_dir, loader=self.loader, ddim_steps=self.ddim_steps)
         engine.check()  # warm-up: the first real request should not pay for lazy initialisation
-        self.engine, self.dirs = engine, (model_dir, index_dir)  # one assignment: in-flight batches keep theirs
+        # one assignment: batches in flight keep the engine they started with
+        self.engine, self.dirs = engine, (model_dir, index_dir, self.ddim_steps)
 
     def reconfigure(self, user_config: dict) -> None:
+        """user_config: {"model_dir", "index_dir", "ddim_steps"}; a change loads, warms up, then swaps."""
         model_dir = str(user_config.get("model_dir") or self.run_dir / "model")
         index_dir = str(user_config.get("index_dir") or self.run_dir / "index")
-        if (model_dir, index_dir) != self.dirs:
+        if "ddim_steps" in user_config:
+            self.ddim_steps = user_config["ddim_steps"]
+        if (model_dir, index_dir, self.ddim_steps) != self.dirs:
             self._load(model_dir, index_dir)
 
     def check_health(self) -> None:
@@ -141,7 +146,9 @@ class Ingress:
 
 def build_app(run_dir: Optional[str] = None, loader: Optional[Callable] = None, num_cpus: float = 1.0,
               num_gpus: float = 0.0, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01,
-              num_replicas: Any = 1, user_config: Optional[dict] = None, ingress_cpus: float = 0.0):
+              num_replicas: Any = 1, user_config: Optional[dict] = None, ingress_cpus: float = 0.0,
+              ddim_steps: Optional[int] = None):
+    """The application graph; ``loader(model_dir) -> DeftRec`` can be injected (tests, custom storage)."""
     run_dir = run_dir or os.environ.get("DEFTREC_RUN_DIR")
     if not run_dir:
         raise ValueError("no run directory: pass run_dir=DIR (serve run deftrec.serve:app run_dir=DIR) "
@@ -158,7 +165,8 @@ def build_app(run_dir: Optional[str] = None, loader: Optional[Callable] = None, 
         rec_opts["num_replicas"] = num_replicas
     if user_config is not None:
         rec_opts["user_config"] = user_config
-    recommender = Recommender.options(**rec_opts).bind(run_dir, loader, max_batch_size, batch_wait_timeout_s)
+    recommender = Recommender.options(**rec_opts).bind(run_dir, loader, max_batch_size, batch_wait_timeout_s,
+                                                       ddim_steps)
     return Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(recommender, run_dir)
 
 
@@ -167,7 +175,7 @@ def app(args: dict):
     args = dict(args or {})
     kwargs: dict = {"run_dir": args.pop("run_dir", None)}
     for key, conv in (("num_cpus", float), ("num_gpus", float), ("max_batch_size", int),
-                      ("batch_wait_timeout_s", float)):
+                      ("batch_wait_timeout_s", float), ("ddim_steps", int)):
         if key in args:
             kwargs[key] = conv(args.pop(key))
     if args:

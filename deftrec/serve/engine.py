@@ -107,7 +107,8 @@ def _default_loader(model_dir: str):
 class RecommenderEngine:
     """Model + index of one version. ``recommend`` serves a whole batch with one pass per stage."""
 
-    def __init__(self, model_dir: str | Path, index_dir: str | Path, loader: Optional[Callable] = None):
+    def __init__(self, model_dir: str | Path, index_dir: str | Path, loader: Optional[Callable] = None,
+                 ddim_steps: Optional[int] = None):
         from deftrec.evaluation import model_version
         from deftrec.model.deftrec import DeftRecRecommender
 
@@ -116,7 +117,10 @@ class RecommenderEngine:
                 raise ArtifactError(f"{d}: no complete {what}")
         self.model = (loader or _default_loader)(str(model_dir))
         self.model.eval()
-        self.rec = DeftRecRecommender(self.model)
+        ecfg = self.model.cfg.eval
+        if ddim_steps is not None:  # serving may trade quality for latency (see benchmarks/inference.py)
+            ecfg = dataclasses.replace(ecfg, sampler="ddim", steps=int(ddim_steps))
+        self.rec = DeftRecRecommender(self.model, ecfg)
         im = read_manifest(index_dir)
         self.index = load_index(index_dir, IndexConfig(**im["config"]))
         self.metric = im["metric"]

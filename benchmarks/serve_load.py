@@ -1,0 +1,107 @@
+"""Closed-loop HTTP load on the Serve endpoint (loopback only): QPS and latency percentiles.
+
+    python benchmarks/serve_load.py --run-dir runs/tiny [--clients 1 8 32] [--steps 10 50] [--seconds 10]
+
+For each DDIM step count the application is (re)deployed on 127.0.0.1:8000, then for each
+client count N, N threads each send ``POST /recommend`` for random known users, one request after
+the other, for ``--seconds`` (and at most ``--max-requests`` in total). Prints QPS, p50/p95/p99
+latency and the mean served batch size. Goals on a 2-core machine: ``tiny`` p99 < 100 ms at 8
+clients; ``cpu`` QPS at 32 clients >= 3x QPS at 1 client (batching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def closed_loop(url: str, users: list[str], clients: int, seconds: float, max_requests: int, k: int = 10):
+    import httpx
+
+    lat, batch, errors = [], [], []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+    count = [0]
+
+    def worker(seed: int):
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while time.perf_counter() < stop_at:
+                with lock:
+                    if count[0] >= max_requests:
+                        return
+                    count[0] += 1
+                t0 = time.perf_counter()
+                r = c.post("/recommend", json={"user_id": users[rng.integers(len(users))], "k": k})
+                dt = time.perf_counter() - t0
+                with lock:
+                    if r.status_code == 200:
+                        lat.append(dt)
+                        batch.append(r.json()["timings_ms"]["batch_size"])
+                    else:
+                        errors.append(r.status_code)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat_ms = np.array(lat) * 1e3
+    return {"qps": len(lat) / wall, "p50": np.percentile(lat_ms, 50), "p95": np.percentile(lat_ms, 95),
+            "p99": np.percentile(lat_ms, 99), "batch": float(np.mean(batch)), "n": len(lat), "errors": len(errors)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run-dir", required=True, help="a run with data/, model/ and index/")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--steps", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--max-requests", type=int, default=5000)
+    ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of the recommender replica")
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    a = ap.parse_args()
+    import pyarrow.parquet as pq
+    import ray
+    from ray import serve
+
+    from deftrec.serve import build_app
+
+    ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
+    users = [str(u) for u in pq.read_table(Path(a.run_dir) / "data" / "users.parquet").column("user_id").to_pylist()]
+    rows = []
+    for steps in a.steps:
+        serve.run(build_app(a.run_dir, num_cpus=a.num_cpus, ddim_steps=steps, max_batch_size=a.max_batch_size),
+                  route_prefix="/")
+        closed_loop("http://127.0.0.1:8000", users, 2, 2.0, 50)  # warm-up
+        for c in a.clients:
+            r = closed_loop("http://127.0.0.1:8000", users, c, a.seconds, a.max_requests)
+            rows.append((steps, c, r))
+            print(f"  DDIM-{steps} clients {c}: {r['qps']:.1f} QPS p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms "
+                  f"batch {r['batch']:.1f}", file=sys.stderr)
+        serve.delete("default")
+    serve.shutdown()
+    print(f"\n{'DDIM':>5} {'clients':>7} {'QPS':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} "
+          f"{'requests':>8} {'errors':>6}")
+    for steps, c, r in rows:
+        print(f"{steps:>5} {c:>7} {r['qps']:>8.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} "
+              f"{r['batch']:>6.1f} {r['n']:>8} {r['errors']:>6}")
+    for steps in a.steps:
+        q = {c: r["qps"] for s, c, r in rows if s == steps}
+        if min(a.clients) in q and max(a.clients) in q:
+            print(f"DDIM-{steps}: QPS at {max(a.clients)} clients / QPS at {min(a.clients)} client = "
+                  f"{q[max(a.clients)] / q[min(a.clients)]:.1f}x")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
