@@ -102,14 +102,19 @@ class ItemKeyEmbedder:
 
 
 def run_index_job(run_dir: str | Path, cfg: IndexConfig, force: bool = False, log: Callable = print,
-                  loader: Optional[Callable] = None, actors: int = 1) -> dict:
+                  loader: Optional[Callable] = None, actors: int = 1, model_dir: str | Path | None = None,
+                  out_dir: str | Path | None = None) -> dict:
+    """Index ``run_dir/data/items.parquet`` with the keys of ``model_dir`` (default ``run_dir/model``)
+    into ``out_dir`` (default ``run_dir/index``)."""
     import ray
 
     from deftrec.pipeline import fingerprint
     from deftrec.ray_utils import ensure_ray
 
     run_dir = Path(run_dir)
-    model_dir, data_dir, out = run_dir / "model", run_dir / "data", run_dir / "index"
+    data_dir = run_dir / "data"
+    model_dir = Path(model_dir) if model_dir is not None else run_dir / "model"
+    out = Path(out_dir) if out_dir is not None else run_dir / "index"
     version = model_version(model_dir)
     fp = fingerprint({"model": version, "index": to_dict(cfg)})
     if is_complete(out) and not force and read_manifest(out).get("fingerprint") == fp:
@@ -120,7 +125,8 @@ def run_index_job(run_dir: str | Path, cfg: IndexConfig, force: bool = False, lo
     with atomic_directory(out, overwrite=True) as tmp:
         ds = ray.data.read_parquet(str(data_dir / "items.parquet"), columns=["item"])
         ds = ds.map_batches(ItemKeyEmbedder, fn_constructor_kwargs={"model_dir": str(model_dir), "loader": loader},
-                            batch_size=4096, concurrency=actors, num_cpus=1, batch_format="numpy")
+                            batch_size=4096, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+                            batch_format="numpy")
         ds.write_parquet(str(tmp / "item_keys.parquet"))
         t = pq.read_table(tmp / "item_keys.parquet").sort_by("item")
         items = t.column("item").to_numpy()
@@ -244,7 +250,7 @@ def run_evaluation(run_dir: str | Path, cfg: EvalJobConfig, log: Callable = prin
             BatchRecommender,
             fn_constructor_kwargs=dict(model_dir=str(model_dir), index_dir=str(index_dir), sampler=cfg.sampler,
                                        steps=cfg.steps, seed=cfg.seed, explain=cfg.explain, k=k, loader=loader),
-            batch_size=cfg.batch_size, concurrency=cfg.actors, num_cpus=cfg.cpus_per_actor,
+            batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor, batch_format="numpy")
         ds.write_parquet(str(tmp / "recs.parquet"))
         recs = pq.read_table(tmp / "recs.parquet").sort_by("user")

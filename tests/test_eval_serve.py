@@ -1,0 +1,300 @@
+"""Index job, batch evaluation and the Serve endpoint on one small trained run (real Ray, FAISS, HTTP)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from deftrec.index import IndexConfig, exact_topk
+from deftrec.io import read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+URL = "http://127.0.0.1:8000"
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _train_and_export(data_dir, out_dir, seed: int):
+    from deftrec.config import load_deftrec_config
+    from deftrec.export import export_model
+    from deftrec.train_local import train_local
+
+    cfg = load_deftrec_config(REPO / "pipelines/configs/tiny.yaml", [
+        "train.max_steps=6", "train.warmup_steps=2", "train.validate_every=6", "train.valid_users=40",
+        "collab.epochs=2",
+        f"train.seed={seed}", "eval.steps=5"])
+    model, _ = train_local(cfg, data_dir, log=None)
+    export_model(model, out_dir)
+    return model
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, synth_small):
+    """data/ (preprocessed synthetic log), model/ (a briefly trained tiny export), index/ (Flat)."""
+    from deftrec.config_utils import from_dict
+    from deftrec.data.config import PreprocessConfig
+    from deftrec.data.preprocess import run_preprocess
+    from deftrec.evaluation import run_index_job
+
+    root = tmp_path_factory.mktemp("run")
+    run_preprocess(from_dict(PreprocessConfig, {"input": [str(synth_small / "interactions.csv")],
+                                                "items": str(synth_small / "items.csv"),
+                                                "output": str(root / "data")}), log=lambda s: None)
+    _train_and_export(root / "data", root / "model", seed=1)
+    run_index_job(root, IndexConfig(), log=lambda s: None)
+    return root
+
+
+# ------------------------------------------------------------------------------ index job
+
+
+def test_index_job_keys_manifest_and_idempotence(run):
+    from deftrec.evaluation import run_index_job
+    from deftrec.export import load_model
+
+    m = read_manifest(run / "index")
+    model = load_model(run / "model")
+    assert m["factory"] == "Flat" and m["items"] == model.n_items and m["dim"] == model.item_emb.shape[1]
+    assert m["recall@10"] == 1.0 and m["search_params"] == {}
+    keys = pq.read_table(run / "index" / "item_keys.parquet").sort_by("item")
+    np.testing.assert_array_equal(np.stack(keys.column("key").to_numpy(zero_copy_only=False)),
+                                  model.item_emb.numpy())
+    before = (run / "index" / "items.faiss").stat().st_mtime_ns
+    assert run_index_job(run, IndexConfig(), log=lambda s: None)["fingerprint"] == m["fingerprint"]
+    assert (run / "index" / "items.faiss").stat().st_mtime_ns == before  # nothing rebuilt
+    hnsw = run_index_job(run, IndexConfig(factory="HNSW32,Flat"), log=lambda s: None, out_dir=run / "index_hnsw")
+    assert hnsw["search_params"] == {"efSearch": 128} and hnsw["fingerprint"] != m["fingerprint"]
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def _hand_metrics(lists: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float]:
+    hr, nd = 0.0, 0.0
+    for row, t in zip(lists, targets):
+        hits = np.flatnonzero(row[:k] == t)
+        if hits.size:
+            hr += 1
+            nd += 1 / math.log2(hits[0] + 2)
+    return hr / len(targets), nd / len(targets)
+
+
+def test_evaluation_metrics_recs_and_determinism(run):
+    from deftrec.data.samples import load_dataset
+    from deftrec.evaluation import EvalJobConfig, run_evaluation
+    from deftrec.export import load_model
+    from deftrec.model.deftrec import DeftRecRecommender
+
+    m1 = run_evaluation(run, EvalJobConfig(limit=60, batch_size=16, seed=3), log=lambda s: None)
+    out = run / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(m1))
+    assert set(metrics) >= {"split", "users", "sampler", "steps", "seconds", "coverage", "results"}
+    assert set(metrics["results"]) == {"deftrec", "popularity", "markov", "ease"}
+    for r in metrics["results"].values():
+        assert set(r) == {"history_excluded", "history_kept"}
+        assert set(r["history_excluded"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (5, 10, 20)}
+    assert metrics["users"] == 60 and metrics["sampler"] == "ddim" and metrics["steps"] == 5
+    assert (out / "report.md").read_text().count("| deftrec |") == 2 and (out / "report.png").stat().st_size > 1000
+    # metrics equal an independent computation from recs.parquet
+    recs = pq.read_table(out / "recs.parquet").sort_by("user")
+    targets = recs.column("target").to_numpy()
+    for proto, col in (("history_excluded", "items_excluded"), ("history_kept", "items_kept")):
+        lists = np.stack(recs.column(col).to_numpy(zero_copy_only=False))
+        for k in (5, 10, 20):
+            hr, nd = _hand_metrics(lists, targets, k)
+            assert metrics["results"]["deftrec"][proto][f"hr@{k}"] == pytest.approx(hr)
+            assert metrics["results"]["deftrec"][proto][f"ndcg@{k}"] == pytest.approx(nd)
+    # the Ray Data + FAISS pipeline recommends what the in-process recommender recommends
+    data = load_dataset(run / "data")
+    es = data.test.subset(np.arange(60))
+    model = load_model(run / "model")
+    rec = DeftRecRecommender(model, __import__("dataclasses").replace(model.cfg.eval, seed=3))
+    ref = rec.recommend(es.histories, users=es.users, k=20, exclude_history=True)
+    np.testing.assert_array_equal(np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False))[:, :10],
+                                  ref.items[:, :10])
+    # history excluded means excluded
+    for row, h in zip(np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False)), es.histories):
+        assert not set(row.tolist()) & set(h.tolist())
+    # a fixed seed gives identical metrics and lists twice
+    m2 = run_evaluation(run, EvalJobConfig(limit=60, batch_size=7, seed=3, actors=1), log=lambda s: None)
+    assert m2["results"] == m1["results"]
+    recs2 = pq.read_table(out / "recs.parquet").sort_by("user")
+    np.testing.assert_array_equal(np.stack(recs2.column("items_excluded").to_numpy(zero_copy_only=False)),
+                                  np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False)))
+
+
+def test_evaluation_refuses_missing_stages(tmp_path):
+    from deftrec.evaluation import EvalJobConfig, run_evaluation
+    from deftrec.io import ArtifactError
+
+    with pytest.raises(ArtifactError, match="model export"):
+        run_evaluation(tmp_path, EvalJobConfig())
+    with pytest.raises(ValueError, match="split"):
+        EvalJobConfig(split="train")
+
+
+# ------------------------------------------------------------------------------ serving
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    import httpx
+    from ray import serve
+
+    from deftrec.serve import build_app
+
+    serve.run(build_app(str(run), num_cpus=0, max_batch_size=16, batch_wait_timeout_s=0.05), route_prefix="/")
+    client = httpx.Client(base_url=URL, timeout=60)
+    yield client
+    client.close()
+    serve.shutdown()
+
+
+def _users(run) -> list[str]:
+    return pq.read_table(run / "data" / "users.parquet").column("user_id").to_pylist()
+
+
+def test_endpoint_matches_batch_evaluation(run, server):
+    from deftrec.evaluation import EvalJobConfig, run_evaluation
+
+    run_evaluation(run, EvalJobConfig(limit=8, batch_size=4), log=lambda s: None)  # the model's own seed
+    recs = pq.read_table(run / "eval" / "recs.parquet").sort_by("user")
+    recs = [{"user": u, "items_excluded": list(a), "items_kept": list(b)} for u, a, b in zip(
+        recs.column("user").to_pylist(), recs.column("items_excluded").to_numpy(zero_copy_only=False),
+        recs.column("items_kept").to_numpy(zero_copy_only=False))]
+    items = pq.read_table(run / "data" / "items.parquet").sort_by("item").column("item_id").to_pylist()
+    users = dict(zip(pq.read_table(run / "data" / "users.parquet").column("user").to_pylist(), _users(run)))
+    test = {r["user"]: r["history"] for r in pq.read_table(run / "data" / "test.parquet").to_pylist()}
+    for r in recs[:4]:
+        body = {"user_id": users[r["user"]], "history": [items[i] for i in test[r["user"]]], "k": 10}
+        got = server.post("/recommend", json=body)
+        assert got.status_code == 200, got.text
+        assert [x["item_id"] for x in got.json()["items"]] == [items[i] for i in r["items_excluded"][:10]]
+        kept = server.post("/recommend", json={**body, "exclude_history": False}).json()
+        assert [x["item_id"] for x in kept["items"]] == [items[i] for i in r["items_kept"][:10]]
+
+
+def test_endpoint_response_and_routes(run, server):
+    r = server.post("/recommend", json={"user_id": _users(run)[0], "k": 5, "explain": True})
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["items"]) == 5 and isinstance(body["reasoning"], str)
+    assert set(body["timings_ms"]) >= {"condition", "sample", "search", "total"}
+    assert body["model_version"] == server.get("/healthz").json()["model_version"]
+    scores = [x["score"] for x in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    item = body["items"][0]
+    assert server.get(f"/items/{item['item_id']}").json() == {k: item[k] for k in ("item_id", "title", "category")}
+    assert "/recommend" in server.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"user_id": "no-such-user"}, 404, "no-such-user"),
+    ({"history": ["1000", "no-such-item"]}, 404, "no-such-item"),
+    ({"k": 5}, 422, "user_id or history"),
+    ({"user_id": "U1", "k": 0}, 422, "greater than or equal to 1"),
+    ({"user_id": "U1", "k": 101}, 422, "less than or equal to 100"),
+    ({"user_id": "U1", "k": "ten"}, 422, "valid integer"),
+    ({"history": []}, 422, "at least 1"),
+    ({"history": ["1000"] * 501}, 422, "at most 500"),
+    ({"user_id": "U1", "surprise": 1}, 422, "Extra inputs"),
+    ({"user_id": {"nested": 1}}, 422, "user_id"),
+])
+def test_bad_input_never_500(server, body, status, needle):
+    r = server.post("/recommend", json=body)
+    assert r.status_code == status and needle in r.text
+
+
+def test_malformed_and_oversized_bodies(server):
+    assert server.post("/recommend", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    r = server.post("/recommend", content=b"[" + b"1," * 40000 + b"1]", headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert server.get("/items/definitely-not-an-item").status_code == 404
+
+
+def test_concurrent_requests_are_batched(run, server):
+    users = _users(run)
+    with cf.ThreadPoolExecutor(50) as ex:
+        rs = list(ex.map(lambda i: server.post("/recommend", json={"user_id": users[i % len(users)]}), range(50)))
+    assert all(r.status_code == 200 for r in rs)
+    assert max(r.json()["timings_ms"]["batch_size"] for r in rs) > 1
+
+
+def test_schemathesis_finds_no_server_error(server):
+    r = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{URL}/openapi.json",
+                        "--checks", "not_a_server_error", "--max-examples", "25", "--seed", "1",
+                        "--request-timeout", "30", "--phases", "examples,fuzzing"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_replica_kill_is_survived(run, server):
+    import ray
+
+    users = _users(run)
+    assert server.post("/recommend", json={"user_id": users[0]}).status_code == 200
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
+              if "Recommender" in a["name"] and "SERVE_REPLICA" in a["name"]]
+    assert actors, ray.util.list_named_actors(all_namespaces=True)
+    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+    deadline = time.time() + 120
+    ok = False
+    while time.time() < deadline:
+        try:
+            ok = server.post("/recommend", json={"user_id": users[1]}).status_code == 200
+        except Exception:
+            ok = False
+        if ok:
+            break
+        time.sleep(1)
+    assert ok, "no successful request within 120 s of killing the replica"
+
+
+def test_version_swap_under_load_drops_nothing(run, server):
+    from ray import serve
+
+    from deftrec.evaluation import model_version, run_index_job
+    from deftrec.serve import build_app
+
+    v2_model, v2_index = run / "model_v2", run / "index_v2"
+    _train_and_export(run / "data", v2_model, seed=2)
+    run_index_job(run, IndexConfig(), log=lambda s: None, model_dir=v2_model, out_dir=v2_index)
+    old = server.get("/healthz").json()["model_version"]
+    assert model_version(v2_model) != old
+    users = _users(run)
+    stop, statuses, versions = threading.Event(), [], set()
+
+    def load():
+        while not stop.is_set():
+            r = server.post("/recommend", json={"user_id": users[len(statuses) % len(users)]})
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                versions.add(r.json()["model_version"])
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    serve.run(build_app(str(run), num_cpus=0, max_batch_size=16, batch_wait_timeout_s=0.05,
+                        user_config={"model_dir": str(v2_model), "index_dir": str(v2_index)}), route_prefix="/")
+    deadline = time.time() + 120
+    while time.time() < deadline and server.get("/healthz").json()["model_version"] == old:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert statuses and all(s == 200 for s in statuses), {s for s in statuses}
+    assert model_version(v2_model) in versions and server.get("/healthz").json()["model_version"] != old
