@@ -18,10 +18,16 @@ from deftrec.config import DeftRecConfig, DiffusionSettings, EvalConfig, Tokeniz
 from deftrec.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from deftrec.data.config import PreprocessConfig
 from deftrec.data.synth import SynthConfig
+from deftrec.distributed import DistributedConfig
+from deftrec.evaluation import EvalJobConfig
+from deftrec.index import IndexConfig
 from deftrec.io import is_complete, read_manifest
 from deftrec.model.lightgcn import LightGCNConfig
 from deftrec.model.llm import LLMConfig
 from deftrec.model.prompts import PromptConfig
+
+
+STAGES = ("synth", "preprocess", "collab", "train", "index", "evaluate")
 
 
 @dataclasses.dataclass
@@ -50,9 +56,13 @@ class PipelineConfig:
     condition: Literal["prompt_state", "response_embeddings", "hidden_states"] = "prompt_state"
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    # Ray Train / DeepSpeed settings of the collab and train jobs (not part of the model config).
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
+    evaluate: EvalJobConfig = dataclasses.field(default_factory=EvalJobConfig)
 
     def __post_init__(self):
-        known = ("synth", "preprocess")
+        known = STAGES
         bad = [s for s in self.stages if s not in known]
         if bad:
             raise ConfigError(f"stages: unknown stage(s) {bad}; available: {list(known)}")
@@ -101,10 +111,16 @@ def _set_fingerprint(directory: Path, fp: str) -> dict:
     return m
 
 
+def _artifact_id(directory: Path) -> str:
+    """Content identity of a finished artifact (its output checksums), for downstream fingerprints."""
+    return fingerprint(read_manifest(directory).get("outputs", {}))
+
+
 def run_pipeline(cfg: PipelineConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Run the configured stages in order; each is skipped when its artifact is up to date."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"run_dir": str(run_dir), "stages": {}}
+    summary: dict = {"run_dir": str(run_dir), "stages": {}}
     # Build every typed config first: a bad value fails now, not an hour into the run.
     pp_fields = dict(cfg.data.preprocess)
     if cfg.data.synth is not None and "synth" in cfg.stages:
@@ -115,37 +131,60 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path, log: Callable[[str], 
     pp_fields["output"] = str(run_dir / "data")
     pp_fields["overwrite"] = True
     pp_cfg = from_dict(PreprocessConfig, pp_fields, "data.preprocess")
+    model_cfg = cfg.deftrec_config()
+    dirs = {"synth": run_dir / "synth", "preprocess": run_dir / "data", "collab": run_dir / "collab",
+            "train": run_dir / "model", "index": run_dir / "index", "evaluate": run_dir / "eval"}
 
-    if "synth" in cfg.stages:
-        from deftrec.data.synth import generate
+    def run_stage(name: str, fp_obj, build: Callable[[], None]) -> dict:
+        out = dirs[name]
+        fp = fingerprint(fp_obj)
+        log(f"[pipeline] == {name} ==")
+        m, skipped, secs = _stage(name, out, fp, lambda: (build(), _set_fingerprint(out, fp))[1], log)
+        summary["stages"][name] = {"path": str(out), "skipped": skipped, "seconds": round(secs, 2)}
+        return m
 
-        fp = fingerprint(to_dict(cfg.data.synth))
-        out = run_dir / "synth"
+    for name in cfg.stages:
+        if name == "synth":
+            from deftrec.data.synth import generate
 
-        def build():
-            generate(cfg.data.synth, out, overwrite=True, log=log)
-            return _set_fingerprint(out, fp)
+            m = run_stage("synth", to_dict(cfg.data.synth),
+                          lambda: generate(cfg.data.synth, dirs["synth"], overwrite=True, log=log))
+            summary["stages"]["synth"]["rows"] = m.get("rows")
+        elif name == "preprocess":
+            from deftrec.data.preprocess import run_preprocess
 
-        m, skipped, secs = _stage("synth", out, fp, build, log)
-        summary["stages"]["synth"] = {"path": str(out), "skipped": skipped, "seconds": round(secs, 2),
-                                      "rows": m.get("rows")}
-    if "preprocess" in cfg.stages:
-        from deftrec.data.preprocess import run_preprocess
+            upstream = {}
+            for p in list(pp_cfg.input) + ([pp_cfg.items] if pp_cfg.items else []):
+                parent = Path(p).parent  # inputs are identified by their producer's manifest where there is one
+                upstream[p] = read_manifest(parent).get("outputs", {}).get(Path(p).name) if is_complete(parent) \
+                    else {"mtime": Path(p).stat().st_mtime if Path(p).exists() else None}
+            m = run_stage("preprocess", {"config": to_dict(pp_cfg), "inputs": upstream},
+                          lambda: run_preprocess(pp_cfg, log=log))
+            summary["stages"]["preprocess"]["counts"] = m["counts"]
+        elif name == "collab":
+            from deftrec.collab import train_collab_distributed
 
-        inputs = [p for p in pp_cfg.input] + ([pp_cfg.items] if pp_cfg.items else [])
-        upstream = {}
-        for p in inputs:  # fingerprint the inputs by their producer's manifest where there is one
-            parent = Path(p).parent
-            upstream[p] = read_manifest(parent).get("outputs", {}).get(Path(p).name) if is_complete(parent) \
-                else {"mtime": Path(p).stat().st_mtime if Path(p).exists() else None}
-        fp = fingerprint({"config": to_dict(pp_cfg), "inputs": upstream})
-        out = run_dir / "data"
+            run_stage("collab", {"collab": to_dict(model_cfg.collab), "data": _artifact_id(dirs["preprocess"]),
+                                 "workers": cfg.distributed.num_workers},
+                      lambda: train_collab_distributed(model_cfg.collab, dirs["preprocess"], dirs["collab"],
+                                                       cfg.distributed, run_name=f"{cfg.name}-collab", log=log))
+        elif name == "train":
+            from deftrec.distributed import train_distributed
 
-        def build():
-            run_preprocess(pp_cfg, log=log)
-            return _set_fingerprint(out, fp)
+            run_stage("train", {"model": to_dict(model_cfg), "distributed": to_dict(cfg.distributed),
+                                "data": _artifact_id(dirs["preprocess"]), "collab": _artifact_id(dirs["collab"])},
+                      lambda: train_distributed(model_cfg, cfg.distributed, run_dir, run_name=cfg.name,
+                                                data_dir=dirs["preprocess"], collab_dir=dirs["collab"], log=log))
+        elif name == "index":
+            from deftrec.evaluation import run_index_job
 
-        m, skipped, secs = _stage("preprocess", out, fp, build, log)
-        summary["stages"]["preprocess"] = {"path": str(out), "skipped": skipped, "seconds": round(secs, 2),
-                                           "counts": m["counts"]}
+            run_stage("index", {"index": to_dict(cfg.index), "model": _artifact_id(dirs["train"])},
+                      lambda: run_index_job(run_dir, cfg.index, force=True, log=log))
+        elif name == "evaluate":
+            from deftrec.evaluation import run_evaluation
+
+            run_stage("evaluate", {"evaluate": to_dict(cfg.evaluate), "model": _artifact_id(dirs["train"]),
+                                   "index": _artifact_id(dirs["index"])},
+                      lambda: run_evaluation(run_dir, cfg.evaluate, log=log))
+            summary["metrics"] = json.loads((dirs["evaluate"] / "metrics.json").read_text())
     return summary

@@ -2,7 +2,10 @@
 
     python -m pipelines.end_to_end --config pipelines/configs/tiny.yaml --run-dir runs/tiny [--set key=value ...]
 
-Stages available so far: synth (when the config has data.synth) and preprocess.
+Stages (the config's ``stages`` list, in this order): synth (when the config has data.synth),
+preprocess, collab, train, index, evaluate. Each writes one directory of RUN_DIR (synth/, data/,
+collab/, model/, index/, eval/) with a manifest; a stage whose manifest matches its config and
+inputs is skipped, so re-running after a crash resumes at the first incomplete stage.
 """
 
 from __future__ import annotations
@@ -30,17 +33,32 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("\n== summary ==")
+    print(format_summary(summary, a.run_dir))
+    return 0
+
+
+def format_summary(summary: dict, run_dir: str) -> str:
+    lines = ["", "== summary ==", f"{'stage':<12} {'time':<22} artifact"]
     for name, st in summary["stages"].items():
         state = "skipped (up to date)" if st["skipped"] else f"{st['seconds']:.1f}s"
-        print(f"{name:<12} {state:<22} {st['path']}")
+        lines.append(f"{name:<12} {state:<22} {st['path']}")
     pp = summary["stages"].get("preprocess")
-    if pp:
+    if pp and "counts" in pp:
         c = pp["counts"]
-        print(f"\ndata: {c['users']:,} users, {c['items']:,} items, {c['kept']:,} interactions kept of "
-              f"{c['rows_in']:,} (rejected {c['rejected_total']:,}, removed {c['removed_total']:,})")
-        print(f"splits: {json.dumps(c['splits'])}")
-    return 0
+        lines.append(f"\ndata: {c['users']:,} users, {c['items']:,} items, {c['kept']:,} interactions kept of "
+                     f"{c['rows_in']:,} (rejected {c['rejected_total']:,}, removed {c['removed_total']:,}); "
+                     f"splits {json.dumps(c['splits'])}")
+    m = summary.get("metrics")
+    if m:
+        from deftrec.evaluation import format_table
+
+        lines += ["", format_table(m), f"protocol: {m['protocol']}"]
+    if "train" in summary["stages"]:
+        lines += ["", "serve and query it:",
+                  f"  serve run deftrec.serve:app run_dir={run_dir}",
+                  "  curl -s -X POST 127.0.0.1:8000/recommend -H 'content-type: application/json' "
+                  "-d '{\"user_id\": \"<a user id>\", \"k\": 10, \"explain\": true}'"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
