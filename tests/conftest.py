@@ -23,7 +23,9 @@ def ray_session():
     from deftrec.ray_utils import configure_data_context
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+        # address="local": always a fresh instance, never a `ray start` cluster left on the machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
+                 log_to_driver=False)
     configure_data_context()
     yield ray
 

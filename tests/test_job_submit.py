@@ -82,12 +82,20 @@ def test_end_to_end_through_ray_job_submit(tmp_path):
         again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0 and (again.stdout + again.stderr).count("skipped (up to date)") == 6
     finally:
-        _stop_head(temp)
+        _stop_head(temp, port)
 
 
-def _stop_head(temp: Path) -> None:
+def _stop_head(temp: Path, port: int) -> None:
     """Stop only this head's processes (`ray stop` would also kill the test session's shared Ray)."""
     import psutil
+
+    # `ray start` records the head for later `ray.init()` calls; drop the record with the head.
+    marker = Path("/tmp/ray/ray_current_cluster")
+    try:
+        if marker.read_text().strip().endswith(f":{port}"):
+            marker.unlink()
+    except OSError:
+        pass
 
     procs = []
     for p in psutil.process_iter(["cmdline"]):
