@@ -1,0 +1,582 @@
+"""DeftRec: the model, its training task and its inference path (method.md sections 2-5).
+
+Three classes, as in torchrec's retrieval example:
+
+- :class:`DeftRec` (``nn.Module``) holds the LLM (with its text tokenizer and placeholder ids), the
+  item (and optional user) continuous tokenizer, the diffusion head, and the LightGCN matrices E
+  (and U) as buffers: E is both the diffusion target space and the retrieval space. It builds
+  batches from item ids, splices continuous tokens into the LLM input and pools the condition.
+- :class:`DeftRecTask` (``nn.Module`` wrapping the model, so DDP can wrap the task) computes
+
+      L = lambda_lm * L_lm + L_pos + lambda_neg * L_neg
+
+  and returns the parts.
+- :class:`DeftRecRecommender` (inference): prompts with continuous tokens -> greedy reasoning
+  (only when the condition needs it or an explanation is asked for) -> condition -> reverse
+  diffusion -> scores against E -> top-K, all batched.
+
+Conditions (``cfg.condition``), with h the LLM's last hidden states and r the response tokens:
+
+- ``prompt_state``: c = h[last prompt position]; causal attention means the response (and so the
+  target) cannot leak into it, and no text is generated at inference;
+- ``response_embeddings``: c = mean_{j in r} emb(token_j) (the authors' choice);
+- ``hidden_states``: c = mean_{j in r} h_j.
+
+Retrieval space. With ``diffusion.x0_norm = "std"`` the diffusion works on E / std(E) (a global
+scalar, see :class:`~deftrec.config.DiffusionSettings`); scores are reported in the original space:
+``-||x0_hat / s - E_i||^2`` (``l2``) or ``<x0_hat / s, E_i>`` (``ip``), which rank exactly like the
+scaled ones.
+
+Randomness at inference is keyed by (seed, user, step) through a counter-based hash
+(:func:`keyed_normal`), so a user's recommendations do not depend on which other users share its
+batch, and a fixed seed gives identical output.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deftrec.config import DeftRecConfig, EvalConfig
+from deftrec.data.samples import Catalog
+from deftrec.metrics import topk as _topk
+from deftrec.model.diffusion import DiffusionHead, ddim_timesteps
+from deftrec.model.prompts import IGNORE_INDEX, build_generation_batch, build_inputs_embeds, build_training_batch
+from deftrec.model.tokenizer import ContinuousTokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from deftrec.model.llm import PlaceholderIds
+
+__all__ = ["DeftRec", "DeftRecRecommender", "DeftRecTask", "Recommendations", "keyed_normal"]
+
+Histories = Sequence[Any]  # one int array / list of item ids per user
+
+
+# --------------------------------------------------------------------------------------------- keyed noise
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32) without int64 overflow (16-bit halves)."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """lowbias32 integer hash (Wellons): a bijection of [0, 2^32) with good avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keyed_normal(seed: int, keys: Tensor, stream: int, dim: int, device: torch.device | str = "cpu") -> Tensor:
+    """N(0, 1) draws [len(keys), dim] that depend only on (seed, key, stream, column).
+
+    Counter-based: each entry hashes (seed, key, stream, 2j) and (..., 2j + 1) to two uniforms
+    u1, u2 in (0, 1) and applies Box-Muller, z = sqrt(-2 ln u1) cos(2 pi u2). Vectorised, and the
+    row of a key is the same whatever else is in the batch.
+    """
+    keys = torch.as_tensor(keys, dtype=torch.int64, device=device).reshape(-1, 1)
+    h = _hash32(torch.full_like(keys, int(seed) & _M32))
+    h = _hash32(h ^ (keys & _M32))
+    h = _hash32(h ^ ((keys >> 32) & _M32))
+    h = _hash32(h ^ (int(stream) & _M32))
+    cols = torch.arange(2 * dim, dtype=torch.int64, device=keys.device).reshape(1, -1)
+    u = (_hash32(h ^ _hash32(cols)).double() + 0.5) / 2.0**32
+    u1, u2 = u[:, 0::2], u[:, 1::2]
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).float()
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    """Name of the KV-cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """mean over dim 1 of x [B, L, H] where mask [B, L] is 1; rows without any 1 give 0."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class DeftRec(nn.Module):
+    """LLM + continuous tokenizer(s) + diffusion head over a fixed collaborative space.
+
+    Args:
+        cfg: the model config; ``d_llm`` is filled from the LLM here when unset.
+        llm, text_tokenizer, placeholders: from :func:`deftrec.model.llm.build_llm`.
+        item_emb: E [n_items, d_c] (LightGCN); user_emb: U [n_users, d_c], needed with user tokens.
+        catalog: item titles/categories for the prompts (default: "item i" titles).
+    """
+
+    def __init__(
+        self,
+        cfg: DeftRecConfig,
+        llm: PreTrainedModel,
+        text_tokenizer: PreTrainedTokenizerBase,
+        placeholders: PlaceholderIds,
+        item_emb: np.ndarray | Tensor,
+        user_emb: np.ndarray | Tensor | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        super().__init__()
+        d_llm = llm.get_input_embeddings().embedding_dim
+        if cfg.d_llm is not None and cfg.d_llm != d_llm:
+            raise ValueError(f"config d_llm={cfg.d_llm} but the LLM hidden size is {d_llm}")
+        self.cfg = cfg.with_d_llm(d_llm)
+        E = torch.as_tensor(np.asarray(item_emb), dtype=torch.float32)
+        if E.dim() != 2 or E.shape[1] != self.cfg.d_c:
+            raise ValueError(f"item_emb must be [n_items, d_c={self.cfg.d_c}], got {tuple(E.shape)}")
+        if self.cfg.tokenizer.user_tokens and user_emb is None:
+            raise ValueError("tokenizer.user_tokens needs user_emb (the LightGCN user matrix)")
+        self.catalog = catalog if catalog is not None else Catalog.synthetic(E.shape[0])
+        if self.catalog.n_items != E.shape[0]:
+            raise ValueError(f"catalog has {self.catalog.n_items} items, item_emb {E.shape[0]}")
+        if len(placeholders.item) < self.cfg.tokenizer.K:
+            raise ValueError(f"the LLM has {len(placeholders.item)} item placeholders, tokenizer.K={self.cfg.tokenizer.K}")
+
+        self.llm = llm
+        self.text_tokenizer = text_tokenizer
+        self.placeholders = placeholders
+        self.item_tokenizer = ContinuousTokenizer(self.cfg.tokenizer_config())
+        self.user_tokenizer = ContinuousTokenizer(self.cfg.tokenizer_config()) if self.cfg.tokenizer.user_tokens else None
+        self.head = DiffusionHead(self.cfg.diffusion_config())
+
+        def scale_of(x: Tensor) -> float:
+            if self.cfg.diffusion.x0_norm == "none":
+                return 1.0
+            std = float(x.std())
+            return 1.0 / std if std > 0 else 1.0
+
+        # Buffers: the retrieval space travels with .to() and is saved in state dicts.
+        self.register_buffer("item_emb", E)
+        self.register_buffer("x0_scale", torch.tensor(scale_of(E)))
+        if user_emb is not None:
+            U = torch.as_tensor(np.asarray(user_emb), dtype=torch.float32)
+            if U.dim() != 2 or U.shape[1] != self.cfg.d_c:
+                raise ValueError(f"user_emb must be [n_users, d_c={self.cfg.d_c}], got {tuple(U.shape)}")
+            self.register_buffer("user_emb", U)
+            self.register_buffer("user_scale", torch.tensor(scale_of(U)))
+        else:
+            self.register_buffer("user_emb", None)
+            self.register_buffer("user_scale", None)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DeftRecConfig,
+        item_emb: np.ndarray | Tensor,
+        user_emb: np.ndarray | Tensor | None = None,
+        catalog: Catalog | None = None,
+    ) -> DeftRec:
+        """Load the LLM named by ``cfg.llm`` (placeholders added, LoRA applied) and build the model."""
+        from deftrec.model.llm import build_llm
+
+        llm, tok, ph = build_llm(cfg.llm, K=cfg.tokenizer.K, user_tokens=cfg.tokenizer.user_tokens)
+        return cls(cfg, llm, tok, ph, item_emb, user_emb, catalog)
+
+    # -- properties
+    @property
+    def device(self) -> torch.device:
+        return self.item_emb.device
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_emb.shape[0])
+
+    @property
+    def x0_table(self) -> Tensor:
+        """The diffusion space: E * x0_scale [n_items, d_c]."""
+        return self.item_emb * self.x0_scale
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The LLM's decoder stack (hidden states only; LoRA layers are injected in place)."""
+        return self.llm.get_decoder()
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters split into the LLM and the heads (tokenizers + diffusion)."""
+        llm = [p for p in self.llm.parameters() if p.requires_grad]
+        heads = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("llm.")]
+        return {"llm": llm, "heads": heads}
+
+    # -- batches
+    def _titles(self, histories: Histories) -> tuple[list[list[str]], list[list[int]]]:
+        max_h = self.cfg.prompt.max_history
+        items = [np.asarray(h, dtype=np.int64).reshape(-1)[-max_h:] for h in histories]
+        titles = self.catalog.titles
+        return [titles[i].tolist() for i in items], [i.tolist() for i in items]
+
+    def make_batch(
+        self,
+        histories: Histories,
+        targets: Sequence[int] | np.ndarray | None = None,
+        users: Sequence[int] | np.ndarray | None = None,
+        generation: bool = False,
+    ) -> dict[str, Tensor]:
+        """Tokenised batch from item ids: training (``targets`` given, right padding, labels) or
+        generation (left padding, prompt only). Adds ``targets`` / ``users`` LongTensors when given.
+        """
+        if len(histories) == 0:
+            raise ValueError("empty batch")
+        titles, items = self._titles(histories)
+        if generation:
+            batch = build_generation_batch(self.text_tokenizer, self.placeholders, titles, self.cfg.prompt, items)
+        else:
+            if targets is None:
+                raise ValueError("a training batch needs targets (or pass generation=True)")
+            t = np.asarray(targets, dtype=np.int64).reshape(-1)
+            if t.size != len(histories):
+                raise ValueError(f"got {t.size} targets for {len(histories)} histories")
+            batch = build_training_batch(self.text_tokenizer, self.placeholders, titles,
+                                         self.catalog.titles[t].tolist(), self.catalog.categories[t].tolist(),
+                                         self.cfg.prompt, items)
+        if "history_item_ids" not in batch:  # every history empty
+            batch["history_item_ids"] = torch.zeros(0, dtype=torch.long)
+        if targets is not None:
+            batch["targets"] = torch.as_tensor(np.asarray(targets, dtype=np.int64).reshape(-1))
+        if users is not None:
+            batch["users"] = torch.as_tensor(np.asarray(users, dtype=np.int64).reshape(-1))
+        if self.user_tokenizer is not None and "users" not in batch:
+            raise ValueError("tokenizer.user_tokens is on: pass users")
+        return batch
+
+    # -- forward pieces
+    def embed(self, batch: dict[str, Tensor]) -> Tensor:
+        """LLM input embeddings with continuous tokens spliced in (one index_put per batch)."""
+        item_tokens = self.item_tokenizer(self.x0_table[batch["history_item_ids"].to(self.device)])
+        user_tokens = None
+        if self.user_tokenizer is not None:
+            user_tokens = self.user_tokenizer(self.user_emb[batch["users"].to(self.device)] * self.user_scale)
+        return build_inputs_embeds(self.llm.get_input_embeddings(), batch, item_tokens, user_tokens)
+
+    def encode(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(input embeddings [B, L, H], last hidden states [B, L, H]) of a batch."""
+        batch = _to_device(batch, self.device)
+        embeds = self.embed(batch)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], use_cache=False)
+        return embeds, out.last_hidden_state
+
+    def lm_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of the response tokens (labels != -100), next-token shifted.
+
+        The LM head runs only on the positions that predict a response token, so the [B, L, V]
+        logits tensor is never materialised.
+        """
+        labels = labels.to(hidden.device)
+        tgt = labels[:, 1:]
+        sel = tgt != IGNORE_INDEX
+        if not bool(sel.any()):
+            return hidden.new_zeros((), dtype=torch.float32)
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][sel])
+        return F.cross_entropy(logits.float(), tgt[sel])
+
+    def condition(self, batch: dict[str, Tensor], embeds: Tensor | None = None, hidden: Tensor | None = None,
+                  kind: str | None = None) -> Tensor:
+        """Condition vectors [B, d_llm] (float32) of a *training* batch (prompt + response).
+
+        ``prompt_state`` reads h at ``prompt_last_index``; the other two pool over ``response_mask``.
+        Pass ``embeds``/``hidden`` from :meth:`encode` to avoid a second forward.
+        """
+        kind = kind or self.cfg.condition
+        if embeds is None or (hidden is None and kind != "response_embeddings"):
+            embeds, hidden = self.encode(batch)
+        dev = embeds.device
+        if kind == "prompt_state":
+            rows = torch.arange(hidden.shape[0], device=dev)
+            return hidden[rows, batch["prompt_last_index"].to(dev)].float()
+        if "response_mask" not in batch:
+            raise ValueError(f"condition {kind!r} pools response tokens: use a training batch, or the recommender")
+        mask = batch["response_mask"].to(dev)
+        if kind == "response_embeddings":
+            return _masked_mean(embeds.float(), mask)
+        if kind == "hidden_states":
+            return _masked_mean(hidden.float(), mask)
+        raise ValueError(f"unknown condition {kind!r}")
+
+
+# --------------------------------------------------------------------------------------------- task
+
+
+class DeftRecTask(nn.Module):
+    """Training objective around a :class:`DeftRec` (wrap this module in DDP, not the model).
+
+    L = lambda_lm * L_lm + L_pos + lambda_neg * L_neg, where L_pos/L_neg come from
+    :meth:`DiffusionHead.loss` with x0 = E_s[target] and x0- the mean of ``n_neg`` uniformly drawn
+    items other than the target (:meth:`DiffusionHead.sample_negative_mean`); with
+    ``diffusion.batch_mul = R`` they average R independent draws per sample. With lambda_lm = 0
+    the LM head is skipped entirely (only possible with the ``prompt_state`` condition).
+    """
+
+    def __init__(self, model: DeftRec, lambda_lm: float | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.lambda_lm = float(model.cfg.train.lambda_lm if lambda_lm is None else lambda_lm)
+        if self.lambda_lm < 0:
+            raise ValueError(f"lambda_lm must be >= 0, got {self.lambda_lm}")
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Returns {"lm", "pos", "neg", "total"} (scalars; only "total" needs backward)."""
+        m = self.model
+        if "targets" not in batch or "labels" not in batch:
+            raise ValueError("DeftRecTask needs a training batch (make_batch with targets)")
+        embeds, hidden = m.encode(batch)
+        lm = m.lm_loss(hidden, batch["labels"]) if self.lambda_lm > 0 else hidden.new_zeros((), dtype=torch.float32)
+        cond = m.condition(batch, embeds, hidden)
+        targets = batch["targets"].to(m.device)
+        R = m.cfg.diffusion.batch_mul
+        if R > 1:  # R independent diffusion draws per condition (one LLM pass)
+            cond, targets = cond.repeat(R, 1), targets.repeat(R)
+        table = m.x0_table
+        neg_x0 = None
+        if m.head.cfg.lambda_neg > 0:
+            neg_x0 = m.head.sample_negative_mean(table, targets.shape[0], exclude=targets, generator=generator)
+        d = m.head.loss(table[targets], cond, neg_x0, generator=generator)
+        total = self.lambda_lm * lm + d["loss"]
+        return {"lm": lm, "pos": d["pos"], "neg": d["neg"], "total": total}
+
+
+# --------------------------------------------------------------------------------------------- inference
+
+
+@dataclass
+class Recommendations:
+    """Top-K per user: ``items`` [B, k] (-1 where fewer rankable items), ``scores`` [B, k], and the
+    generated reasoning text per user when it was produced."""
+
+    items: np.ndarray
+    scores: np.ndarray
+    reasoning: list[str] | None = None
+
+
+class DeftRecRecommender:
+    """Batched inference over a trained :class:`DeftRec` (see the module docstring for the steps)."""
+
+    def __init__(self, model: DeftRec, cfg: EvalConfig | None = None) -> None:
+        self.model = model
+        self.cfg = cfg if cfg is not None else model.cfg.eval
+        T = model.head.cfg.T
+        if self.cfg.sampler == "ddim" and self.cfg.steps > T:
+            raise ValueError(f"eval.steps ({self.cfg.steps}) must be <= diffusion.T ({T})")
+        if self.cfg.guidance_w > 0 and model.head.cfg.cond_dropout == 0:
+            raise ValueError("guidance_w > 0 needs a model trained with diffusion.cond_dropout > 0")
+
+    # -- step 1-3: prompt -> (reasoning) -> condition
+    @torch.no_grad()
+    def conditions(self, histories: Histories, users: Sequence[int] | np.ndarray | None = None,
+                   explain: bool = False) -> tuple[Tensor, list[str] | None]:
+        """Condition vectors [B, d_llm] and, if text was generated, the reasoning strings."""
+        m = self.model
+        batch = _to_device(m.make_batch(histories, users=users, generation=True), m.device)
+        embeds = m.embed(batch)
+        kind = m.cfg.condition
+        generate = kind != "prompt_state" or explain
+        out = m.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], use_cache=generate)
+        h_last = out.last_hidden_state[:, -1]  # left padding: every prompt ends at the last column
+        if not generate:
+            return h_last.float(), None
+        tokens, keep, tok_embeds, tok_hidden = self._greedy(batch, h_last, _cache_of(out),
+                                                            need_hidden=kind == "hidden_states")
+        if kind == "prompt_state":
+            cond = h_last.float()
+        elif kind == "response_embeddings":
+            cond = _masked_mean(tok_embeds.float(), keep)
+        else:
+            cond = _masked_mean(tok_hidden.float(), keep)
+        rows = tokens.masked_fill(~keep, -1).tolist()
+        text = m.text_tokenizer.batch_decode([[t for t in r if t >= 0] for r in rows], skip_special_tokens=True)
+        return cond, [s.strip() for s in text]
+
+    def _greedy(self, batch: dict[str, Tensor], h_last: Tensor, cache: Any, need_hidden: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Batched greedy decoding with the KV cache, continuing a left-padded prompt.
+
+        Returns generated ids [B, G], ``keep`` [B, G] (response tokens: before eos, eos excluded,
+        like ``response_mask`` in training), their input embeddings and (if asked) their last
+        hidden states, i.e. the states a teacher-forced pass over prompt + text would give.
+        """
+        m = self.model
+        tok = m.text_tokenizer
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        emb_layer = m.llm.get_input_embeddings()
+        lm_head = m.llm.get_output_embeddings()
+        mask = batch["attention_mask"]
+        pos = batch["position_ids"][:, -1]
+        B = mask.shape[0]
+        finished = torch.zeros(B, dtype=torch.bool, device=mask.device)
+        decoder = m.decoder
+        cache_kw = _cache_kwarg(decoder)
+        ids, keeps, embs, hids = [], [], [], []
+        for step in range(self.cfg.max_gen_tokens):
+            nxt = lm_head(h_last).argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            is_eos = (nxt == eos) & ~finished
+            keep = ~finished & ~is_eos
+            finished = finished | is_eos
+            e = emb_layer(nxt)
+            ids.append(nxt), keeps.append(keep), embs.append(e)
+            last = step == self.cfg.max_gen_tokens - 1
+            if bool(finished.all()) or (last and not need_hidden):
+                if need_hidden:
+                    hids.append(torch.zeros_like(h_last))  # only eos / padding here: never pooled
+                break
+            # Tokens after eos are masked out of attention; the rows are finished anyway.
+            mask = torch.cat([mask, keep.long()[:, None]], dim=1)
+            pos = pos + 1
+            out = decoder(inputs_embeds=e[:, None], attention_mask=mask, position_ids=pos[:, None],
+                          use_cache=True, **{cache_kw: cache})
+            cache = _cache_of(out)
+            h_last = out.last_hidden_state[:, -1]
+            hids.append(h_last)  # hidden state *of* token nxt
+        hidden = torch.stack(hids, 1) if need_hidden else None
+        return torch.stack(ids, 1), torch.stack(keeps, 1), torch.stack(embs, 1), hidden
+
+    # -- step 4: reverse diffusion
+    @torch.no_grad()
+    def sample(self, cond: Tensor, keys: Tensor | np.ndarray, seed: int | None = None) -> Tensor:
+        """x0_hat [B, d_c] in the diffusion (scaled) space; noise keyed by (seed, key, step)."""
+        m = self.model
+        head = m.head
+        seed = self.cfg.seed if seed is None else int(seed)
+        keys = torch.as_tensor(np.asarray(keys, dtype=np.int64))
+        B, d_c, T = cond.shape[0], head.cfg.d_c, head.cfg.T
+        dev = m.device
+        cond = cond.to(dev)
+        x = keyed_normal(seed, keys, stream=0, dim=d_c).to(dev)
+        w, eta = self.cfg.guidance_w, self.cfg.eta
+        was_training = head.training
+        head.eval()
+        try:
+            if self.cfg.sampler == "ddpm":
+                for step in range(T - 1, -1, -1):
+                    t = torch.full((B,), step, dtype=torch.long, device=dev)
+                    eps = head.guided_eps(x, cond, t, w)
+                    noise = keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev) if step > 0 else None
+                    x = head.ddpm_step(x, t, eps, noise)
+            else:
+                ts = ddim_timesteps(T, self.cfg.steps).tolist()
+                for i, step in enumerate(ts):
+                    prev = ts[i + 1] if i + 1 < len(ts) else -1
+                    t = torch.full((B,), step, dtype=torch.long, device=dev)
+                    t_prev = torch.full((B,), prev, dtype=torch.long, device=dev)
+                    eps = head.guided_eps(x, cond, t, w)
+                    noise = None
+                    if eta > 0 and prev >= 0:
+                        noise = keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev)
+                    x = head.ddim_step(x, t, t_prev, eps, eta if noise is not None else 0.0, noise)
+        finally:
+            head.train(was_training)
+        return x
+
+    # -- step 5: scores
+    @torch.no_grad()
+    def scores(self, x0: Tensor) -> Tensor:
+        """Scores [B, n_items] of x0_hat (scaled space) against E in the original space."""
+        m = self.model
+        x = x0.float() / m.x0_scale
+        E = m.item_emb
+        if self.cfg.score == "ip":
+            return x @ E.T
+        # -||x - E_i||^2 = 2 <x, E_i> - ||E_i||^2 - ||x||^2
+        return 2.0 * (x @ E.T) - E.pow(2).sum(1)[None, :] - x.pow(2).sum(1, keepdim=True)
+
+    def _keys(self, n: int, users) -> np.ndarray:
+        return np.arange(n, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64).reshape(-1)
+
+    @torch.no_grad()
+    def score_users(self, histories: Histories, users: Sequence[int] | np.ndarray | None = None,
+                    seed: int | None = None, batch_size: int | None = None) -> np.ndarray:
+        """Full score matrix [len(histories), n_items] (float32), computed ``batch_size`` users at a time.
+
+        Noise is keyed by ``users`` (positions when None). Suitable as ``score_fn`` of
+        :func:`deftrec.metrics.evaluate_in_chunks` (through a closure over the histories).
+        """
+        n = len(histories)
+        keys = self._keys(n, users)
+        if keys.size != n:
+            raise ValueError(f"got {keys.size} users for {n} histories")
+        bs = batch_size or self.cfg.batch_size
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = np.empty((n, self.model.n_items), dtype=np.float32)
+            for s in range(0, n, bs):
+                e = min(s + bs, n)
+                u = None if users is None else keys[s:e]
+                cond, _ = self.conditions(histories[s:e], users=u)
+                out[s:e] = self.scores(self.sample(cond, keys[s:e], seed)).cpu().numpy()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def recommend(self, histories: Histories, users: Sequence[int] | np.ndarray | None = None, k: int = 10,
+                  exclude_history: bool | None = None, explain: bool = False, seed: int | None = None,
+                  batch_size: int | None = None) -> Recommendations:
+        """Top-``k`` items per user (history items removed when ``exclude_history``, default from
+        the config). ``explain=True`` also returns the generated reasoning text."""
+        n = len(histories)
+        keys = self._keys(n, users)
+        if keys.size != n:
+            raise ValueError(f"got {keys.size} users for {n} histories")
+        if not 1 <= k <= self.model.n_items:
+            raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
+        excl = self.cfg.exclude_history if exclude_history is None else exclude_history
+        bs = batch_size or self.cfg.batch_size
+        items, scores, texts = [], [], []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for s in range(0, n, bs):
+                e = min(s + bs, n)
+                chunk = histories[s:e]
+                u = None if users is None else keys[s:e]
+                cond, text = self.conditions(chunk, users=u, explain=explain)
+                sc = self.scores(self.sample(cond, keys[s:e], seed))
+                if excl:
+                    rows, cols = _flat_pairs(chunk)
+                    sc[torch.as_tensor(rows, device=sc.device), torch.as_tensor(cols, device=sc.device)] = float("-inf")
+                it, v = _topk(sc.cpu().numpy(), k)
+                items.append(it), scores.append(v)
+                if text is not None:
+                    texts.extend(text)
+        finally:
+            self.model.train(was_training)
+        return Recommendations(np.concatenate(items), np.concatenate(scores), texts if explain else None)
+
+
+def _flat_pairs(histories: Histories) -> tuple[np.ndarray, np.ndarray]:
+    """(row, item) of every history entry, vectorised where the container allows it."""
+    if hasattr(histories, "flat"):
+        return histories.flat()
+    arrays = [np.asarray(h, dtype=np.int64).reshape(-1) for h in histories]
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    if lengths.sum() == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.repeat(np.arange(len(arrays)), lengths), np.concatenate(arrays)
