@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,12 @@ def test_end_to_end_through_ray_job_submit(tmp_path):
                "--set", "train.max_steps=12", "--set", "train.warmup_steps=2", "--set", "train.validate_every=12",
                "--set", "train.valid_users=50", "--set", "distributed.num_workers=1",
                "--set", "evaluate.limit=60"]
-        sub = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-        out = sub.stdout + sub.stderr
+        for _ in range(12):  # the head's job agent may need a few seconds after `ray start` returns
+            sub = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+            out = sub.stdout + sub.stderr
+            if "No available agent to submit job" not in out:
+                break
+            time.sleep(5)
         assert sub.returncode == 0, out[-5000:]
         assert re.search(r"Job '\S+' succeeded", out) and "== summary ==" in out, out[-4000:]
         for d in ("synth", "data", "collab", "model", "index", "eval"):

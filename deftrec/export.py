@@ -1,0 +1,188 @@
+"""Serving export of a trained DeftRec: a self-contained directory that loads without DeepSpeed or Ray.
+
+Layout (``RUN_DIR/model``)::
+
+    llm/                      the LLM with LoRA merged into its weights (``save_pretrained``,
+                              safetensors) and the text tokenizer with the placeholder tokens
+    tokenizers.safetensors    item (``item.*``) and user (``user.*``) continuous tokenizers
+    diffusion_head.safetensors
+    collab.safetensors        E (``item_emb``), U (``user_emb``) and their x0 scales
+    catalog.parquet           item, item_id, title, category (prompts need the titles)
+    placeholders.json         token ids of <diff>, </diff>, <collab_k>, <user_collab_k>
+    config.json               the DeftRecConfig (``llm`` points at ``llm/``; ``source_llm`` keeps
+                              the original reference)
+    manifest.json             written last: status, checksums of every file, provenance
+
+The directory is built under a temporary name and renamed into place once the manifest is
+complete (:func:`deftrec.io.atomic_directory`), so an interrupted export is never mistaken for a
+finished one; :func:`load_model` refuses a directory without a complete manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from deftrec.config import DeftRecConfig
+from deftrec.config_utils import from_dict, to_dict
+from deftrec.io import ArtifactError, atomic_directory, finish_manifest, read_manifest, verify_outputs
+
+if TYPE_CHECKING:
+    from deftrec.data.samples import Catalog
+    from deftrec.model.deftrec import DeftRec
+
+__all__ = ["EXPORT_FORMAT", "export_checkpoint", "export_model", "load_model"]
+
+#: Bumped when the layout changes; load_model refuses other versions.
+EXPORT_FORMAT = 1
+_FILES = ("tokenizers.safetensors", "diffusion_head.safetensors", "collab.safetensors", "catalog.parquet",
+          "placeholders.json", "config.json")
+
+
+def _state(module: torch.nn.Module | None, prefix: str) -> dict[str, torch.Tensor]:
+    if module is None:
+        return {}
+    return {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _merged_llm(model: DeftRec) -> torch.nn.Module:
+    """A copy of the LLM with LoRA adapters merged (the live model is left untouched)."""
+    llm = model.llm
+    if hasattr(llm, "merge_and_unload"):  # peft model
+        return copy.deepcopy(llm).merge_and_unload()
+    return llm
+
+
+def _catalog_table(catalog: Catalog):
+    import pyarrow as pa
+
+    n = catalog.n_items
+    return pa.table({"item": pa.array(np.arange(n, dtype=np.int64)),
+                     "item_id": pa.array([str(x) for x in catalog.item_ids], pa.string()),
+                     "title": pa.array([str(x) for x in catalog.titles], pa.string()),
+                     "category": pa.array([str(x) for x in catalog.categories], pa.string())})
+
+
+def export_model(model: DeftRec, out_dir: str | Path, extra: dict[str, Any] | None = None,
+                 overwrite: bool = True) -> dict:
+    """Write ``model`` to ``out_dir`` in the serving layout (atomic); returns the manifest."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    ph = model.placeholders
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        llm = _merged_llm(model)
+        llm.save_pretrained(tmp / "llm", safe_serialization=True)
+        model.text_tokenizer.save_pretrained(tmp / "llm")
+        save_file({**_state(model.item_tokenizer, "item."), **_state(model.user_tokenizer, "user.")},
+                  str(tmp / "tokenizers.safetensors"))
+        save_file(_state(model.head, ""), str(tmp / "diffusion_head.safetensors"))
+        collab = {"item_emb": model.item_emb, "x0_scale": model.x0_scale}
+        if model.user_emb is not None:
+            collab.update(user_emb=model.user_emb, user_scale=model.user_scale)
+        save_file({k: v.detach().cpu().contiguous() for k, v in collab.items()}, str(tmp / "collab.safetensors"))
+        pq.write_table(_catalog_table(model.catalog), tmp / "catalog.parquet")
+        (tmp / "placeholders.json").write_text(json.dumps(
+            {"diff_open": ph.diff_open, "diff_close": ph.diff_close, "item": list(ph.item), "user": list(ph.user)}))
+        d = to_dict(cfg)
+        source_llm = dict(d["llm"])
+        d["llm"].update(name_or_path="llm", lora=False, cache_dir=None)  # relative: resolved by load_model
+        d["source_llm"] = source_llm
+        (tmp / "config.json").write_text(json.dumps(d, indent=2, default=str))
+        dtype = str(next(llm.parameters()).dtype).replace("torch.", "")
+        manifest = finish_manifest(tmp, {"artifact": "deftrec-model", "format": EXPORT_FORMAT,
+                                         "llm_dtype": dtype, "n_items": model.n_items, **(extra or {})})
+    return manifest
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: Catalog,
+                      extra: dict[str, Any] | None = None) -> dict:
+    """Export a training checkpoint of :mod:`deftrec.distributed` (consolidated weights + state).
+
+    Rebuilds the model from the checkpoint's config (the base LLM named there must be loadable),
+    loads the consolidated weights and writes the serving layout. Needs neither DeepSpeed nor Ray.
+    """
+    from safetensors.torch import load_file
+
+    from deftrec.distributed import STATE_FILE, WEIGHTS_FILE, load_consolidated
+    from deftrec.model.deftrec import DeftRec
+
+    ckpt = Path(checkpoint_dir)
+    if not (ckpt / STATE_FILE).is_file() or not (ckpt / WEIGHTS_FILE).is_file():
+        raise ArtifactError(f"{ckpt}: not a DeftRec training checkpoint ({STATE_FILE} and {WEIGHTS_FILE} expected)")
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    cfg_dict = dict(state["config"])
+    cfg_dict["train"] = {**cfg_dict["train"], "device": "cpu"}
+    cfg = from_dict(DeftRecConfig, cfg_dict, "config")
+    weights = load_file(str(ckpt / WEIGHTS_FILE))
+    E = weights["item_emb"].float()
+    U = weights["user_emb"].float() if "user_emb" in weights else None
+    torch.manual_seed(cfg.train.seed)  # same construction as training (frozen rows are restored anyway)
+    model = DeftRec.from_config(cfg, E, U, catalog)
+    load_consolidated(model, weights)
+    for name in ("x0_scale", "user_scale"):
+        if name in weights and getattr(model, name) is not None:
+            getattr(model, name).copy_(weights[name])
+    model.eval()
+    info = {"step": state.get("step"), "best_step": state.get("best_step"), **(extra or {})}
+    return export_model(model, out_dir, extra=info)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", verify: bool = False) -> DeftRec:
+    """Load an export as a :class:`DeftRec` in eval mode (no DeepSpeed, no Ray).
+
+    ``verify=True`` re-hashes every file against the manifest first (slow for large LLMs).
+    Raises ArtifactError for a missing, unfinished or inconsistent directory.
+    """
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deftrec.data.samples import Catalog
+    from deftrec.model.deftrec import DeftRec
+    from deftrec.model.llm import PlaceholderIds
+
+    root = Path(path)
+    manifest = read_manifest(root)  # raises unless the export finished
+    if manifest.get("artifact") != "deftrec-model" or manifest.get("format") != EXPORT_FORMAT:
+        raise ArtifactError(f"{root}: not a DeftRec export of format {EXPORT_FORMAT} "
+                            f"(artifact={manifest.get('artifact')!r}, format={manifest.get('format')!r})")
+    missing = [f for f in _FILES if not (root / f).is_file()] + ([] if (root / "llm").is_dir() else ["llm/"])
+    if missing:
+        raise ArtifactError(f"{root}: complete manifest but missing {missing}")
+    if verify:
+        verify_outputs(root)
+    d = json.loads((root / "config.json").read_text())
+    d.pop("source_llm", None)
+    d["llm"]["name_or_path"] = str(root / "llm")
+    d["train"]["device"] = str(device)
+    cfg = from_dict(DeftRecConfig, d, "config")
+    llm = AutoModelForCausalLM.from_pretrained(str(root / "llm"), dtype=cfg.llm.torch_dtype())
+    tok = AutoTokenizer.from_pretrained(str(root / "llm"))
+    p = json.loads((root / "placeholders.json").read_text())
+    ph = PlaceholderIds(diff_open=p["diff_open"], diff_close=p["diff_close"], item=tuple(p["item"]),
+                        user=tuple(p["user"]))
+    from deftrec.model.llm import DIFF_CLOSE, DIFF_OPEN, item_placeholder
+
+    expected = [DIFF_OPEN, DIFF_CLOSE] + [item_placeholder(k) for k in range(len(ph.item))]
+    if tok.convert_tokens_to_ids(expected) != [ph.diff_open, ph.diff_close, *ph.item]:
+        raise ArtifactError(f"{root}: the saved tokenizer's placeholder ids disagree with placeholders.json")
+    collab = load_file(str(root / "collab.safetensors"))
+    catalog = Catalog.from_table(pq.read_table(root / "catalog.parquet"))
+    model = DeftRec(cfg, llm, tok, ph, collab["item_emb"], collab.get("user_emb"), catalog)
+    toks = load_file(str(root / "tokenizers.safetensors"))
+    model.item_tokenizer.load_state_dict({k[5:]: v for k, v in toks.items() if k.startswith("item.")})
+    if model.user_tokenizer is not None:
+        model.user_tokenizer.load_state_dict({k[5:]: v for k, v in toks.items() if k.startswith("user.")})
+    model.head.load_state_dict(load_file(str(root / "diffusion_head.safetensors")))
+    with torch.no_grad():
+        model.x0_scale.copy_(collab["x0_scale"])
+        if model.user_scale is not None and "user_scale" in collab:
+            model.user_scale.copy_(collab["user_scale"])
+    return model.to(torch.device(device)).eval()

@@ -1,0 +1,57 @@
+"""Fine-tune DeftRec as a Ray Train job with DeepSpeed ZeRO and export the best checkpoint to RUN_DIR/model.
+
+    python -m pipelines.train --run-dir DIR --config preset.yaml [--num-workers N] [--use-gpu]
+        [--zero-stage {0,2,3}] [--storage-path PATH] [--name NAME] [--max-failures N]
+        [--debug-steps N] [--no-export] [--set key=value ...]
+
+Needs DIR/data (``python -m pipelines.end_to_end``) and DIR/collab (``python -m pipelines.collab``).
+Re-running the same command (same storage path and run name) resumes from the latest checkpoint;
+a different ``--num-workers`` resumes from the consolidated weights (optimizer moments reset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from deftrec.config_utils import ConfigError
+from deftrec.data.readers import InputError
+from deftrec.io import ArtifactError
+from pipelines.collab import add_distributed_flags, distributed_overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
+    add_distributed_flags(p)
+    p.add_argument("--zero-stage", type=int, choices=(0, 2, 3), help="DeepSpeed ZeRO stage (distributed.zero_stage)")
+    p.add_argument("--debug-steps", type=int, help="stop after N optimizer steps (smoke run)")
+    p.add_argument("--no-export", action="store_true", help="train and checkpoint only; do not write DIR/model")
+    a = p.parse_args(argv)
+    from deftrec.distributed import train_distributed
+    from deftrec.pipeline import load_pipeline_config
+
+    overrides = distributed_overrides(a)
+    if a.zero_stage is not None:
+        overrides.append(f"distributed.zero_stage={a.zero_stage}")
+    if a.debug_steps is not None:
+        overrides.append(f"distributed.debug_steps={a.debug_steps}")
+    try:
+        cfg = load_pipeline_config(a.config, overrides)
+        res = train_distributed(cfg.deftrec_config(), cfg.distributed, Path(a.run_dir), run_name=cfg.name,
+                                export=not a.no_export)
+    except (ConfigError, InputError, ArtifactError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    st = res.state
+    print("\n== summary ==")
+    print(f"run          {res.storage}")
+    print(f"best         step {st.best_step} (valid NDCG@10 {st.best_score:.4f}) {res.best_checkpoint}")
+    print(f"latest       {res.latest_checkpoint}")
+    if res.model_dir is not None:
+        print(f"model        {res.model_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
