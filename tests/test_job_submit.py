@@ -52,10 +52,15 @@ def test_end_to_end_through_ray_job_submit(tmp_path):
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
+    # Every listening port explicit: a leftover agent from another Ray on the default ports must not
+    # make this head's job agent fail to start ("No available agent to submit job").
+    extra_ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp = Path("/tmp") / f"deftrec-job-{os.getpid()}"  # Ray's socket paths must stay short
     start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                             "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}",
-                            "--include-dashboard=true", "--disable-usage-stats"],
+                            "--include-dashboard=true", "--disable-usage-stats", *extra_ports],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]
     run_dir = tmp_path / "run"
@@ -102,13 +107,16 @@ def _stop_head(temp: Path, port: int) -> None:
     except OSError:
         pass
 
-    procs = []
+    procs = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
             if str(temp) in " ".join(p.info["cmdline"] or []):
-                procs.append(p)
+                # agents rename themselves ("ray::DashboardAgent"): take each match's children too
+                for q in [p, *p.children(recursive=True)]:
+                    procs[q.pid] = q
         except psutil.Error:
             pass
+    procs = list(procs.values())
     for p in procs:
         try:
             p.terminate()
