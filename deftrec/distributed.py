@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
+    from deftrec.collab import CollabArtifact
     from deftrec.data.samples import Catalog, EvalSet
     from deftrec.model.deftrec import DeftRec
 
@@ -999,7 +1000,7 @@ def train_distributed(
     if prev is not None and (prev[1].stopped_early or prev[1].step >= total or prev[1].epoch >= t.epochs):
         # Finished under this budget: nothing to train (no workers started), export its best checkpoint.
         say(f"[deftrec] {storage}/{name} already finished at step {prev[1].step}; nothing to train")
-        return _finish(prev[0], data.catalog, run_dir, storage, name, export, say)
+        return _finish(prev[0], data.catalog, collab, run_dir, storage, name, export, say)
 
     ensure_ray()
     ds = build_train_dataset(data_dir, cfg, source=dist.samples, num_blocks=max(16, 4 * dist.num_workers))
@@ -1025,11 +1026,11 @@ def train_distributed(
     )
     say(f"[deftrec] training on {dist.num_workers} worker(s) (ZeRO-{dist.zero_stage}); checkpoints in {storage}/{name}")
     result = trainer.fit()
-    return _finish(result, data.catalog, run_dir, storage, name, export, say)
+    return _finish(result, data.catalog, collab, run_dir, storage, name, export, say)
 
 
-def _finish(result: Any, catalog: Catalog, run_dir: Path, storage: str, name: str, export: bool,
-            say: Log) -> DistributedResult:
+def _finish(result: Any, catalog: Catalog, collab: CollabArtifact, run_dir: Path, storage: str, name: str,
+            export: bool, say: Log) -> DistributedResult:
     """Pick the best checkpoint (validation NDCG@10) of a Ray Train result and export it."""
     latest = result.checkpoint
     best = None
@@ -1045,7 +1046,7 @@ def _finish(result: Any, catalog: Catalog, run_dir: Path, storage: str, name: st
             from deftrec.export import export_checkpoint
 
             model_dir = run_dir / "model"
-            export_checkpoint(d, model_dir, catalog, extra={
+            export_checkpoint(d, model_dir, catalog, item_emb=collab.item_emb, user_emb=collab.user_emb, extra={
                 "run": f"{storage}/{name}", "checkpoint": best.path, "best_step": state.best_step,
                 "step": state.step, "valid_ndcg@10": state.best_score})
             say(f"[deftrec] exported step {state.step} (valid NDCG@10 {state.best_score:.4f}) to {model_dir}")

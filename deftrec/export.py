@@ -102,11 +102,14 @@ def export_model(model: DeftRec, out_dir: str | Path, extra: dict[str, Any] | No
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: Catalog,
-                      extra: dict[str, Any] | None = None) -> dict:
+                      extra: dict[str, Any] | None = None, item_emb: np.ndarray | None = None,
+                      user_emb: np.ndarray | None = None) -> dict:
     """Export a training checkpoint of :mod:`deftrec.distributed` (consolidated weights + state).
 
     Rebuilds the model from the checkpoint's config (the base LLM named there must be loadable),
     loads the consolidated weights and writes the serving layout. Needs neither DeepSpeed nor Ray.
+    ``item_emb`` / ``user_emb``: the float32 LightGCN matrices; the checkpoint holds E and U in the
+    training precision (bf16 on GPUs), which would otherwise become the retrieval space.
     """
     from safetensors.torch import load_file
 
@@ -121,14 +124,22 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: 
     cfg_dict["train"] = {**cfg_dict["train"], "device": "cpu"}
     cfg = from_dict(DeftRecConfig, cfg_dict, "config")
     weights = load_file(str(ckpt / WEIGHTS_FILE))
-    E = weights["item_emb"].float()
+    exact = item_emb is not None
+    E = torch.as_tensor(item_emb) if exact else weights["item_emb"].float()
     U = weights["user_emb"].float() if "user_emb" in weights else None
-    torch.manual_seed(cfg.train.seed)  # same construction as training (frozen rows are restored anyway)
-    model = DeftRec.from_config(cfg, E, U, catalog)
+    if exact and U is not None and user_emb is not None:
+        U = torch.as_tensor(user_emb)
+    if E.shape != weights["item_emb"].shape:
+        raise ValueError(f"item_emb {tuple(E.shape)} does not match the checkpoint's "
+                         f"{tuple(weights['item_emb'].shape)}")
+    with torch.random.fork_rng(devices=[]):  # same construction as training, caller's RNG untouched
+        torch.manual_seed(cfg.train.seed)
+        model = DeftRec.from_config(cfg, E, U, catalog)
     load_consolidated(model, weights)
-    for name in ("x0_scale", "user_scale"):
-        if name in weights and getattr(model, name) is not None:
-            getattr(model, name).copy_(weights[name])
+    if not exact:  # with the float32 matrices DeftRec recomputes the scales exactly as training did
+        for name in ("x0_scale", "user_scale"):
+            if name in weights and getattr(model, name) is not None:
+                getattr(model, name).copy_(weights[name])
     model.eval()
     info = {"step": state.get("step"), "best_step": state.get("best_step"), **(extra or {})}
     return export_model(model, out_dir, extra=info)

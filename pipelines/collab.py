@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if not a.force and is_complete(out) and read_manifest(out).get("fingerprint") == fp:
             print(f"[collab] {out} is up to date (same config and data); --force retrains")
             return 0
-        art = train_collab_distributed(cfg.collab, run_dir / "data", out, cfg.distributed, run_name=f"{cfg.name}-collab")
+        art = train_collab_distributed(cfg.collab, run_dir / "data", out, cfg.distributed,
+                                       run_name=f"{cfg.name}-collab")
     except (ConfigError, InputError, ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
