@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from deftrec.metrics import evaluate_in_chunks
+from deftrec.metrics import _flatten_histories, evaluate_in_chunks
 
 __all__ = [
     "Baseline",
@@ -41,20 +41,6 @@ class Baseline(Protocol):
 # --------------------------------------------------------------------------- helpers
 
 
-def _flatten(sequences: Sequence[Any], n_items: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged int sequences -> (row index, item index) flat arrays, range-checked."""
-    arrays = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sequences]
-    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-    if lengths.sum() == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    items = np.concatenate(arrays)
-    if items.min() < 0 or items.max() >= n_items:
-        raise ValueError(
-            f"{what} items must lie in [0, {n_items}), got range [{items.min()}, {items.max()}]"
-        )
-    return np.repeat(np.arange(len(arrays), dtype=np.int64), lengths), items
-
-
 def _check_n_items(n_items: int) -> int:
     if isinstance(n_items, bool) or not isinstance(n_items, (int, np.integer)) or n_items < 1:
         raise ValueError(f"n_items must be a positive int, got {n_items!r}")
@@ -65,7 +51,7 @@ def _item_counts(
     sequences: Sequence[Any], n_items: int, count: Literal["users", "interactions"]
 ) -> np.ndarray:
     """Per-item popularity: number of sequences containing it, or number of occurrences."""
-    rows, items = _flatten(sequences, n_items, "training")
+    rows, items = _flatten_histories(sequences, n_items, "training")
     if count == "users":
         # Count each (user, item) pair once: repeated purchases should not outweigh reach.
         items = np.unique(rows * n_items + items) % n_items
@@ -113,7 +99,7 @@ class Popularity(_Fitted):
 
     def score(self, histories: Sequence[Any]) -> np.ndarray:
         n_items = self._require_fitted()
-        _flatten(histories, n_items, "history")  # validate ids like the other baselines
+        _flatten_histories(histories, n_items, "history")  # validate ids like the other baselines
         row = self.counts_.astype(np.float32)
         return np.broadcast_to(row, (len(histories), n_items)).copy()
 
@@ -157,7 +143,7 @@ class MarkovLastItem(_Fitted):
 
     def fit(self, train_sequences: Sequence[Any], n_items: int) -> "MarkovLastItem":
         n = _check_n_items(n_items)
-        rows, items = _flatten(train_sequences, n, "training")
+        rows, items = _flatten_histories(train_sequences, n, "training")
         # Consecutive positions of the flat array form a pair only inside one sequence.
         same = rows[1:] == rows[:-1]
         codes = items[:-1][same] * n + items[1:][same]
@@ -174,7 +160,7 @@ class MarkovLastItem(_Fitted):
     def score(self, histories: Sequence[Any]) -> np.ndarray:
         n = self._require_fitted()
         n_users = len(histories)
-        _flatten(histories, n, "history")
+        _flatten_histories(histories, n, "history")
         scores = np.broadcast_to(self.prior_, (n_users, n)).copy()
         has = np.fromiter((len(h) > 0 for h in histories), dtype=bool, count=n_users)
         users = np.flatnonzero(has)
@@ -231,7 +217,7 @@ class EASE(_Fitted):
                 f"EASE needs a dense {n} x {n} inverse ({8 * n * n / 2**30:.1f} GiB in float64); "
                 f"n_items={n} exceeds max_items={self.max_items}. Raise max_items if memory allows."
             )
-        rows, items = _flatten(train_sequences, n, "training")
+        rows, items = _flatten_histories(train_sequences, n, "training")
         gram = np.zeros((n, n), dtype=np.float64)
         # Build X^T X from binary rows in user blocks so X is never dense for all users.
         block = self.block_users or max(1, (1 << 24) // n)
@@ -253,7 +239,7 @@ class EASE(_Fitted):
 
     def score(self, histories: Sequence[Any]) -> np.ndarray:
         n = self._require_fitted()
-        rows, items = _flatten(histories, n, "history")
+        rows, items = _flatten_histories(histories, n, "history")
         x = np.zeros((len(histories), n), dtype=np.float32)
         x[rows, items] = 1.0  # binary: repeated history items count once
         return x @ self.B_

@@ -87,7 +87,7 @@ def _check_ks(ks: Sequence[int] | int) -> tuple[int, ...]:
     return tuple(sorted({int(k) for k in ks}))
 
 
-def _flatten_histories(histories: Histories, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+def _flatten_histories(histories: Histories, n_items: int, what: str = "history") -> tuple[np.ndarray, np.ndarray]:
     """Flatten ragged histories into (row index, item index) pairs, validated."""
     arrays = [_to_numpy(h).astype(np.int64, copy=False).reshape(-1) for h in histories]
     lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
@@ -96,7 +96,7 @@ def _flatten_histories(histories: Histories, n_items: int) -> tuple[np.ndarray, 
     items = np.concatenate(arrays)
     if items.min() < 0 or items.max() >= n_items:
         raise ValueError(
-            f"history items must lie in [0, {n_items}), got range [{items.min()}, {items.max()}]"
+            f"{what} items must lie in [0, {n_items}), got range [{items.min()}, {items.max()}]"
         )
     rows = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
     return rows, items
