@@ -47,6 +47,16 @@ class OracleDenoiser(nn.Module):
         eps = (x_t.double() - a.sqrt() * self.x0.double()) / (1 - a).sqrt()
         return eps.to(x_t.dtype)
 
+    # The samplers' split interface (see Denoiser.trunk): the "features" carry c and t through.
+    def cond_features(self, cond, drop_cond=None):
+        return cond
+
+    def time_features(self, t, dtype):
+        return t
+
+    def trunk(self, x_t, cond_h, time_h):
+        return self.forward(x_t, cond_h, time_h.expand(x_t.shape[0]))
+
 
 def numpy_abar(T=1000, b0=1e-4, b1=0.02) -> np.ndarray:
     betas = b0 + (b1 - b0) * np.arange(T) / (T - 1)
@@ -379,7 +389,44 @@ def test_guided_eps_formula_and_guided_sampling():
     x_T = torch.randn(3, 6)
     tT = torch.full((3,), 999)
     expected = head.predict_x0(x_T, tT, head.guided_eps(x_T, c, tT, w))
-    torch.testing.assert_close(head.sample(c, sampler="ddim", steps=1, guidance_w=w, x_T=x_T), expected)
+    # sample() uses float64 scalar coefficients; 1 / sqrt(abar_999) ~ 150 amplifies float32 rounding
+    torch.testing.assert_close(head.sample(c, sampler="ddim", steps=1, guidance_w=w, x_T=x_T), expected,
+                               rtol=1e-5, atol=1e-4)
+
+
+def _reference_sample(head, cond, sampler, steps, w, eta, x_T, noises):
+    """The samplers written with the per-row API (guided_eps, ddim_step, ddpm_step)."""
+    B, x = cond.shape[0], x_T
+    ts = list(range(head.cfg.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(head.cfg.T, steps).tolist()
+    for i, step in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        t = torch.full((B,), step)
+        eps = head.guided_eps(x, cond, t, w)
+        if sampler == "ddpm":
+            x = head.ddpm_step(x, t, eps, noises.pop(0) if step > 0 else None)
+        else:
+            noise = noises.pop(0) if (eta > 0 and prev >= 0) else None
+            x = head.ddim_step(x, t, torch.full((B,), prev), eps, eta if noise is not None else 0.0, noise)
+    return x
+
+
+@pytest.mark.parametrize("sampler,steps,eta,w", [("ddim", 10, 0.0, 0.0), ("ddim", 7, 0.7, 1.5),
+                                                  ("ddim", 1, 0.0, 0.0), ("ddpm", None, 0.0, 0.0),
+                                                  ("ddpm", None, 0.0, 2.0)])
+def test_fast_sampler_equals_per_row_steps(sampler, steps, eta, w):
+    """sample() precomputes g(c), one time row per step and scalar coefficients; same result."""
+    torch.manual_seed(0)
+    head = DiffusionHead(small_cfg(T=60)).eval()
+    with torch.no_grad():
+        head.denoiser.null_cond.normal_()
+    cond, x_T = torch.randn(5, 4), torch.randn(5, 6)
+    g = torch.Generator().manual_seed(3)
+    out = head.sample(cond, sampler=sampler, steps=steps, guidance_w=w, eta=eta, x_T=x_T, generator=g)
+    g = torch.Generator().manual_seed(3)
+    noises = [torch.randn(5, 6, generator=g) for _ in range(60)]
+    with torch.no_grad():
+        ref = _reference_sample(head, cond, sampler, steps, w, eta, x_T, noises)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- learning + determinism

@@ -224,6 +224,8 @@ def test_malformed_and_oversized_bodies(server):
     assert server.post("/recommend", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
     r = server.post("/recommend", content=b"[" + b"1," * 40000 + b"1]", headers={"content-type": "application/json"})
     assert r.status_code == 413
+    chunks = (b"1," * 1000 for _ in range(100))  # no content-length: refused while it streams in
+    assert server.post("/recommend", content=chunks, headers={"content-type": "application/json"}).status_code == 413
     assert server.get("/items/definitely-not-an-item").status_code == 404
 
 
@@ -265,23 +267,29 @@ def test_replica_kill_is_survived(run, server):
     assert ok, "no successful request within 120 s of killing the replica"
 
 
-def test_version_swap_under_load_drops_nothing(run, server):
-    from ray import serve
-
-    from deftrec.evaluation import model_version, run_index_job
-    from deftrec.serve import build_app
+@pytest.fixture(scope="module")
+def v2(run):
+    """A second model version (another training seed) and its index."""
+    from deftrec.evaluation import run_index_job
 
     v2_model, v2_index = run / "model_v2", run / "index_v2"
     _train_and_export(run / "data", v2_model, seed=2)
     run_index_job(run, IndexConfig(), log=lambda s: None, model_dir=v2_model, out_dir=v2_index)
-    old = server.get("/healthz").json()["model_version"]
+    return v2_model, v2_index
+
+
+def _swap_under_load(run, client, prefix: str, redeploy, v2_model) -> None:
+    """Four clients post continuously while ``redeploy()`` swaps in v2; every request must succeed."""
+    from deftrec.evaluation import model_version
+
+    old = client.get(f"{prefix}/healthz").json()["model_version"]
     assert model_version(v2_model) != old
     users = _users(run)
     stop, statuses, versions = threading.Event(), [], set()
 
     def load():
         while not stop.is_set():
-            r = server.post("/recommend", json={"user_id": users[len(statuses) % len(users)]})
+            r = client.post(f"{prefix}/recommend", json={"user_id": users[len(statuses) % len(users)]})
             statuses.append(r.status_code)
             if r.status_code == 200:
                 versions.add(r.json()["model_version"])
@@ -290,14 +298,70 @@ def test_version_swap_under_load_drops_nothing(run, server):
     for t in threads:
         t.start()
     time.sleep(1.0)
-    serve.run(build_app(str(run), num_cpus=0, max_batch_size=16, batch_wait_timeout_s=0.05,
-                        user_config={"model_dir": str(v2_model), "index_dir": str(v2_index)}), route_prefix="/")
+    redeploy()
     deadline = time.time() + 120
-    while time.time() < deadline and server.get("/healthz").json()["model_version"] == old:
+    while time.time() < deadline and client.get(f"{prefix}/healthz").json()["model_version"] == old:
         time.sleep(0.5)
     time.sleep(1.0)
     stop.set()
     for t in threads:
         t.join()
     assert statuses and all(s == 200 for s in statuses), {s for s in statuses}
-    assert model_version(v2_model) in versions and server.get("/healthz").json()["model_version"] != old
+    assert model_version(v2_model) in versions and client.get(f"{prefix}/healthz").json()["model_version"] != old
+
+
+def test_version_swap_under_load_drops_nothing(run, server, v2):
+    from ray import serve
+
+    from deftrec.serve import build_app
+
+    user_config = {"model_dir": str(v2[0]), "index_dir": str(v2[1])}
+    _swap_under_load(run, server, "", lambda: serve.run(build_app(
+        str(run), num_cpus=0, max_batch_size=16, batch_wait_timeout_s=0.05, user_config=user_config),
+        route_prefix="/"), v2[0])
+
+
+def test_fused_topology_answers_batches_and_swaps(run, server, v2):
+    """topology=fused (the ingress holds the model): same answers as split, batching, in-place swap."""
+    from ray import serve
+
+    from deftrec.serve import build_app
+
+    def deploy(user_config=None):
+        serve.run(build_app(str(run), num_cpus=0, max_batch_size=16, batch_wait_timeout_s=0.05, topology="fused",
+                            user_config=user_config), name="fused", route_prefix="/fused")
+
+    from deftrec.serve.engine import Catalog, Query, RecommenderEngine
+
+    engine = RecommenderEngine(run / "model", run / "index")  # the same model, in this process
+    catalog = Catalog(run / "data")
+    assert catalog.max_history == read_manifest(run / "data")["config"]["max_history"]  # preprocessing's length
+    deploy()
+    try:
+        users = _users(run)
+        for u in users[:3]:
+            got = server.post("/fused/recommend", json={"user_id": u, "k": 10})
+            assert got.status_code == 200, got.text
+            idx = catalog.user(u)
+            res, _ = engine.recommend([Query(catalog.stored_history(idx), key=idx, user=idx, k=10,
+                                             exclude_history=True, explain=False)])
+            assert [x["item_id"] for x in got.json()["items"]] == [catalog.describe(i)["item_id"]
+                                                                   for i, _ in res[0]["items"]]
+        with cf.ThreadPoolExecutor(20) as ex:
+            rs = list(ex.map(lambda i: server.post("/fused/recommend", json={"user_id": users[i]}), range(20)))
+        assert all(r.status_code == 200 for r in rs)
+        assert max(r.json()["timings_ms"]["batch_size"] for r in rs) > 1
+        _swap_under_load(run, server, "/fused",
+                         lambda: deploy({"model_dir": str(v2[0]), "index_dir": str(v2[1])}), v2[0])
+    finally:
+        serve.delete("fused")
+
+
+def test_build_app_refuses_unknown_topology(run):
+    from deftrec.serve import build_app
+    from deftrec.serve.app import app
+
+    with pytest.raises(ValueError, match="topology"):
+        build_app(str(run), topology="sideways")
+    with pytest.raises(ValueError, match="unknown application argument"):
+        app({"run_dir": str(run), "topolgy": "fused"})

@@ -473,23 +473,22 @@ class DeftRecRecommender:
         was_training = head.training
         head.eval()
         try:
+            cond_h = head.sampling_condition(cond, w)  # g(c) once, not once per step
+            sched = head.schedule
             if self.cfg.sampler == "ddpm":
                 for step in range(T - 1, -1, -1):
-                    t = torch.full((B,), step, dtype=torch.long, device=dev)
-                    eps = head.guided_eps(x, cond, t, w)
+                    eps = head.eps_at(x, cond_h, step, w)
                     noise = keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev) if step > 0 else None
-                    x = head.ddpm_step(x, t, eps, noise)
+                    x = sched.ddpm_step_at(x, step, eps, noise)
             else:
                 ts = ddim_timesteps(T, self.cfg.steps).tolist()
                 for i, step in enumerate(ts):
                     prev = ts[i + 1] if i + 1 < len(ts) else -1
-                    t = torch.full((B,), step, dtype=torch.long, device=dev)
-                    t_prev = torch.full((B,), prev, dtype=torch.long, device=dev)
-                    eps = head.guided_eps(x, cond, t, w)
+                    eps = head.eps_at(x, cond_h, step, w)
                     noise = None
                     if eta > 0 and prev >= 0:
                         noise = keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev)
-                    x = head.ddim_step(x, t, t_prev, eps, eta if noise is not None else 0.0, noise)
+                    x = sched.ddim_step_at(x, step, prev, eps, eta if noise is not None else 0.0, noise)
         finally:
             head.train(was_training)
         return x

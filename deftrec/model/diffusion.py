@@ -271,6 +271,36 @@ class NoiseSchedule(nn.Module):
             x_prev = x_prev + sigma * noise
         return x_prev
 
+    # -- the same steps for a timestep shared by the whole batch (samplers). The coefficients are
+    # Python floats computed in float64, so a step is two or three tensor ops instead of a dozen
+    # per-row lookups and casts: at serving batch sizes those small ops dominated the sampler.
+    def ddpm_step_at(self, x_t: Tensor, step: int, eps: Tensor, noise: Tensor | None = None) -> Tensor:
+        """:meth:`ddpm_step` with t = ``step`` for every row."""
+        abar = float(self.alpha_bar[step])
+        s, s1 = math.sqrt(abar), math.sqrt(1.0 - abar)
+        c0, ct = float(self.posterior_mean_coef_x0[step]), float(self.posterior_mean_coef_xt[step])
+        # mean = c0 * (x_t - s1 eps) / s + ct * x_t
+        x = torch.add(x_t * (c0 / s + ct), eps, alpha=-(c0 * s1 / s))
+        if noise is None:
+            return x
+        return torch.add(x, noise, alpha=math.sqrt(max(float(self.posterior_variance[step]), 0.0)))
+
+    def ddim_step_at(self, x_t: Tensor, step: int, prev: int, eps: Tensor, eta: float = 0.0,
+                     noise: Tensor | None = None) -> Tensor:
+        """:meth:`ddim_step` with t = ``step`` and t_prev = ``prev`` (-1: abar = 1) for every row."""
+        abar = float(self.alpha_bar[step])
+        abar_prev = float(self.alpha_bar[prev]) if prev >= 0 else 1.0
+        sigma = eta * math.sqrt(max((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev), 0.0))
+        dir_coef = math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0))
+        r = math.sqrt(abar_prev / abar)
+        # sqrt(abar_prev) * (x_t - sqrt(1 - abar) eps) / sqrt(abar) + dir_coef * eps
+        x = torch.add(x_t * r, eps, alpha=dir_coef - r * math.sqrt(1.0 - abar))
+        if eta > 0:
+            if noise is None:
+                raise ValueError("ddim_step with eta > 0 needs noise")
+            x = torch.add(x, noise, alpha=sigma)
+        return x
+
 
 # ----------------------------------------------------------------------------- denoiser
 
@@ -315,11 +345,24 @@ class Denoiser(nn.Module):
         if x_t.dim() != 2 or cond.dim() != 2 or cond.shape[0] != B or t.shape != (B,):
             raise ValueError(f"Denoiser expects x_t [B, d_c], cond [B, cond_dim], t [B]; got "
                              f"{tuple(x_t.shape)}, {tuple(cond.shape)}, {tuple(t.shape)}")
+        return self.trunk(x_t, self.cond_features(cond, drop_cond), self.time_features(t, x_t.dtype))
+
+    # forward = trunk(x_t, g(c), MLP(sinusoid(t))). Samplers compute g(c) once per sample and
+    # the time features once per step (one row, broadcast), instead of once per row and step.
+    def cond_features(self, cond: Tensor, drop_cond: Tensor | None = None) -> Tensor:
+        """g(c) [B, hidden]; rows with drop_cond True use the null condition."""
         cond = cond.to(self.null_cond.dtype)
         if drop_cond is not None:
             cond = torch.where(drop_cond[:, None], self.null_cond.expand_as(cond), cond)
-        temb = timestep_embedding(t, self.time_dim).to(x_t.dtype)
-        h = self.in_proj(x_t) + self.cond_proj(cond) + self.time_mlp(temb)
+        return self.cond_proj(cond)
+
+    def time_features(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """MLP(sinusoid(t)) [len(t), hidden]."""
+        return self.time_mlp(timestep_embedding(t, self.time_dim).to(dtype))
+
+    def trunk(self, x_t: Tensor, cond_h: Tensor, time_h: Tensor) -> Tensor:
+        """The residual MLP on in_proj(x_t) + cond_h + time_h (time_h may be one broadcast row)."""
+        h = self.in_proj(x_t) + cond_h + time_h
         for block in self.blocks:
             h = block(h)
         return self.out(F.silu(self.out_norm(h)))
@@ -347,6 +390,25 @@ class DiffusionHead(nn.Module):
 
     def ddpm_step(self, x_t: Tensor, t: Tensor, eps: Tensor, noise: Tensor | None = None) -> Tensor:
         return self.schedule.ddpm_step(x_t, t, eps, noise)
+
+    def sampling_condition(self, cond: Tensor, guidance_w: float = 0.0) -> Tensor:
+        """g(c) for :meth:`eps_at`: [B, hidden], or [2B, hidden] (conditioned rows, then null) for CFG."""
+        if guidance_w == 0.0:
+            return self.denoiser.cond_features(cond)
+        B = cond.shape[0]
+        drop = torch.cat([torch.zeros(B, dtype=torch.bool, device=cond.device),
+                          torch.ones(B, dtype=torch.bool, device=cond.device)])
+        return self.denoiser.cond_features(torch.cat([cond, cond]), drop)
+
+    def eps_at(self, x_t: Tensor, cond_h: Tensor, step: int, guidance_w: float = 0.0) -> Tensor:
+        """:meth:`guided_eps` at t = ``step`` for every row, from ``sampling_condition``'s output."""
+        t = torch.full((1,), step, dtype=torch.long, device=x_t.device)
+        time_h = self.denoiser.time_features(t, x_t.dtype)
+        if guidance_w == 0.0:
+            return self.denoiser.trunk(x_t, cond_h, time_h)
+        B = x_t.shape[0]
+        out = self.denoiser.trunk(torch.cat([x_t, x_t]), cond_h, time_h)
+        return (1.0 + guidance_w) * out[:B] - guidance_w * out[B:]
 
     def guided_eps(self, x_t: Tensor, cond: Tensor, t: Tensor, guidance_w: float = 0.0) -> Tensor:
         """eps = (1 + w) f(x_t, c, t) - w f(x_t, null, t); one batched [2B] call when w != 0."""
@@ -487,22 +549,20 @@ class DiffusionHead(nn.Module):
         was_training = self.denoiser.training
         self.denoiser.eval()
         try:
+            cond_h = self.sampling_condition(cond, w)
             if sampler == "ddpm":
                 for step in range(T - 1, -1, -1):
-                    t = torch.full((B,), step, dtype=torch.long, device=x.device)
-                    eps = self.guided_eps(x, cond, t, w)
+                    eps = self.eps_at(x, cond_h, step, w)
                     noise = _draw_randn(tuple(x.shape), x, generator) if step > 0 else None
-                    x = self.schedule.ddpm_step(x, t, eps, noise)
+                    x = self.schedule.ddpm_step_at(x, step, eps, noise)
             else:
                 ts = ddim_timesteps(T, self.cfg.ddim_steps if steps is None else int(steps)).tolist()
                 for i, step in enumerate(ts):
                     prev = ts[i + 1] if i + 1 < len(ts) else -1
-                    t = torch.full((B,), step, dtype=torch.long, device=x.device)
-                    t_prev = torch.full((B,), prev, dtype=torch.long, device=x.device)
-                    eps = self.guided_eps(x, cond, t, w)
+                    eps = self.eps_at(x, cond_h, step, w)
                     # The last jump (to abar = 1) has sigma = 0, so it never needs noise.
                     noise = _draw_randn(tuple(x.shape), x, generator) if (eta > 0 and prev >= 0) else None
-                    x = self.schedule.ddim_step(x, t, t_prev, eps, eta if noise is not None else 0.0, noise)
+                    x = self.schedule.ddim_step_at(x, step, prev, eps, eta if noise is not None else 0.0, noise)
         finally:
             self.denoiser.train(was_training)
         return x

@@ -1,12 +1,20 @@
-"""Ray Serve application: FastAPI ingress + a batching recommender deployment.
+"""Ray Serve application: FastAPI ingress + a batching recommender.
 
     serve run deftrec.serve:app run_dir=runs/tiny          # or DEFTREC_RUN_DIR=runs/tiny serve run deftrec.serve:app
+    serve run deftrec.serve:app run_dir=runs/tiny topology=fused
     serve deploy cluster/serve_config.yaml                 # production
 
 Routes: ``POST /recommend``, ``GET /items/{item_id}``, ``GET /healthz``, ``GET /openapi.json``
 (docs at ``/docs``). The recommender runs generation/sampling once per ``@serve.batch`` batch; a
 new model or index version is swapped in through ``user_config`` -> ``reconfigure`` after it has
 loaded and passed a warm-up, so requests in flight finish on the old version and none fail.
+
+Two topologies share this code:
+
+* ``split`` (default): an ``Ingress`` deployment (HTTP, validation, catalog; CPU) calls a
+  ``Recommender`` deployment (model + index; GPU on clusters) by handle. Each scales on its own.
+* ``fused``: the ``Ingress`` replica holds the batching recommender itself. One hop fewer per
+  request, which matters most on a small CPU host (``benchmarks/serve_load.py`` measures both).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real types to read bodies.
@@ -16,8 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, HTTPException, Response
 from ray import serve
 
 from deftrec.serve.engine import Catalog, Query, RecommenderEngine, UnknownId, history_key
@@ -25,27 +32,21 @@ from deftrec.serve.schemas import Health, Item, RecommendRequest, RecommendRespo
 
 MAX_BODY_BYTES = 64 * 1024
 
-api = FastAPI(title="DeftRec recommendations", version="1",
+# max_body_size: FastAPI refuses larger bodies with 413 while reading them (chunked ones too),
+# without the per-request cost of a BaseHTTPMiddleware.
+api = FastAPI(title="DeftRec recommendations", version="1", max_body_size=MAX_BODY_BYTES,
               description="Generative recommendation with continuous-token diffusion (DeftRec).")
 
 
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    """Refuse oversized bodies before they are parsed (413), including chunked uploads."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-    elif request.method in ("POST", "PUT", "PATCH"):
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-    return await call_next(request)
+TOPOLOGIES = ("split", "fused")
 
 
-@serve.deployment(name="Recommender", max_ongoing_requests=64)
-class Recommender:
-    """Holds one engine (model + index). Batches concurrent requests; swaps versions in reconfigure."""
+class BatchedRecommender:
+    """Holds one engine (model + index). Batches concurrent requests; swaps versions in reconfigure.
+
+    The body of the ``Recommender`` deployment (split topology), or held in-process by the
+    ingress (fused topology).
+    """
 
     def __init__(self, run_dir: str, loader: Optional[Callable] = None, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.01, ddim_steps: Optional[int] = None):
@@ -94,18 +95,21 @@ class Recommender:
         return await self.recommend_batch(query)
 
 
+@serve.deployment(name="Recommender", max_ongoing_requests=64)
+class Recommender(BatchedRecommender):
+    """Split topology: the model replica, called by the ingress through a deployment handle."""
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, recommender, run_dir: str, max_history: Optional[int] = None):
-        from deftrec.io import read_manifest
-
+    def __init__(self, recommender, run_dir: str, max_history: Optional[int] = None,
+                 local: Optional[dict] = None):
+        """``recommender``: the Recommender's handle (split), or None with ``local`` holding the
+        BatchedRecommender's arguments (fused)."""
         self.recommender = recommender
-        data_dir = Path(run_dir) / "data"
-        if max_history is None:
-            cfg = read_manifest(Path(run_dir) / "model").get("config", {}) if (Path(run_dir) / "model").exists() else {}
-            max_history = int(cfg.get("prompt", {}).get("max_history", 20))
-        self.catalog = Catalog(data_dir, max_history)
+        self.local = BatchedRecommender(run_dir, **local) if recommender is None else None
+        self.catalog = Catalog(Path(run_dir) / "data", max_history)
         self.user_offset = len(self.catalog.user_index) + 1
 
     @api.post("/recommend", response_model=RecommendResponse, responses={404: {"description": "unknown id"}})
@@ -122,13 +126,18 @@ class Ingress:
         k = min(req.k, self.catalog.n_items)
         q = Query(history=history, key=user if user is not None else history_key(history, self.user_offset),
                   user=user, k=k, exclude_history=req.exclude_history, explain=req.explain)
-        res = await self.recommender.recommend.remote(q)
+        if self.local is not None:
+            res = await self.local.recommend(q)
+        else:
+            res = await self.recommender.recommend.remote(q)
         timings = res["timings_ms"]
         timings["total"] = (time.perf_counter() - t0) * 1e3
-        return RecommendResponse(
+        body = RecommendResponse(
             items=[ScoredItem(**self.catalog.describe(i), score=s) for i, s in res["items"]],
             reasoning=res["reasoning"], model_version=res["model_version"], index_version=res["index_version"],
             timings_ms=timings)
+        # Validated once above; a Response skips FastAPI's second validation + encoding pass.
+        return Response(body.model_dump_json(), media_type="application/json")
 
     @api.get("/items/{item_id}", response_model=Item, responses={404: {"description": "unknown item"}})
     async def item(self, item_id: str) -> Item:
@@ -140,15 +149,31 @@ class Ingress:
 
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
-        v = await self.recommender.versions.remote()
+        v = self.local.versions() if self.local is not None else await self.recommender.versions.remote()
         return Health(status="ok", items=self.catalog.n_items, **v)
+
+    def reconfigure(self, user_config: dict) -> None:
+        if self.local is None:
+            raise ValueError("user_config belongs to the Recommender deployment in the split topology")
+        self.local.reconfigure(user_config)
+
+    def check_health(self) -> None:
+        if self.local is not None:
+            self.local.check_health()
 
 
 def build_app(run_dir: Optional[str] = None, loader: Optional[Callable] = None, num_cpus: float = 1.0,
               num_gpus: float = 0.0, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01,
               num_replicas: Any = 1, user_config: Optional[dict] = None, ingress_cpus: float = 0.0,
-              ddim_steps: Optional[int] = None):
-    """The application graph; ``loader(model_dir) -> DeftRec`` can be injected (tests, custom storage)."""
+              ddim_steps: Optional[int] = None, topology: str = "split"):
+    """The application graph; ``loader(model_dir) -> DeftRec`` can be injected (tests, custom storage).
+
+    ``num_cpus``/``num_gpus``/``num_replicas`` (an int, or a dict for autoscaling) and
+    ``user_config`` apply to the replica that holds the model: the Recommender (split) or the
+    Ingress (fused). ``ingress_cpus`` is the split topology's ingress reservation.
+    """
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
     run_dir = run_dir or os.environ.get("DEFTREC_RUN_DIR")
     if not run_dir:
         raise ValueError("no run directory: pass run_dir=DIR (serve run deftrec.serve:app run_dir=DIR) "
@@ -157,16 +182,20 @@ def build_app(run_dir: Optional[str] = None, loader: Optional[Callable] = None, 
     for sub in ("data", "model", "index"):
         if not (Path(run_dir) / sub / "manifest.json").is_file():
             raise ValueError(f"{run_dir}/{sub} is missing or incomplete; run the pipeline first")
-    rec_opts: dict = {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-                      "max_ongoing_requests": max(64, 2 * max_batch_size)}
+    model_opts: dict = {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+                        "max_ongoing_requests": max(64, 2 * max_batch_size)}
     if isinstance(num_replicas, dict):
-        rec_opts["autoscaling_config"] = num_replicas
+        model_opts["autoscaling_config"] = num_replicas
     else:
-        rec_opts["num_replicas"] = num_replicas
+        model_opts["num_replicas"] = num_replicas
     if user_config is not None:
-        rec_opts["user_config"] = user_config
-    recommender = Recommender.options(**rec_opts).bind(run_dir, loader, max_batch_size, batch_wait_timeout_s,
-                                                       ddim_steps)
+        model_opts["user_config"] = user_config
+    batching = dict(loader=loader, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                    ddim_steps=ddim_steps)
+    if topology == "fused":
+        model_opts["max_ongoing_requests"] = max(256, 2 * max_batch_size)
+        return Ingress.options(**model_opts).bind(None, run_dir, local=batching)
+    recommender = Recommender.options(**model_opts).bind(run_dir, **batching)
     return Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(recommender, run_dir)
 
 
@@ -174,6 +203,8 @@ def app(args: dict):
     """Application builder for ``serve run deftrec.serve:app run_dir=DIR`` and ``serve deploy``."""
     args = dict(args or {})
     kwargs: dict = {"run_dir": args.pop("run_dir", None)}
+    if "topology" in args:
+        kwargs["topology"] = str(args.pop("topology"))
     for key, conv in (("num_cpus", float), ("num_gpus", float), ("max_batch_size", int),
                       ("batch_wait_timeout_s", float), ("ddim_steps", int)):
         if key in args:

@@ -33,9 +33,13 @@ class UnknownId(KeyError):
 class Catalog:
     """Item metadata, id maps and stored user histories of one preprocessed data directory."""
 
-    def __init__(self, data_dir: str | Path, max_history: int):
+    def __init__(self, data_dir: str | Path, max_history: Optional[int] = None):
+        """``max_history`` defaults to the preprocessing's: the history length the model was trained
+        and batch-evaluated on (its prompt then reads its own last ``prompt.max_history`` of them)."""
         data_dir = Path(data_dir)
-        read_manifest(data_dir)  # refuse an incomplete directory
+        manifest = read_manifest(data_dir)  # refuses an incomplete directory
+        if max_history is None:
+            max_history = int(manifest.get("config", {}).get("max_history", 20))
         items = pq.read_table(data_dir / "items.parquet").sort_by("item")
         self.item_ids = [str(x) for x in items.column("item_id").to_pylist()]
         self.titles = items.column("title").to_pylist()
