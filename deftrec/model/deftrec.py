@@ -476,15 +476,18 @@ class DeftRecRecommender:
             cond_h = head.sampling_condition(cond, w)  # g(c) once, not once per step
             sched = head.schedule
             if self.cfg.sampler == "ddpm":
-                for step in range(T - 1, -1, -1):
-                    eps = head.eps_at(x, cond_h, step, w)
+                ts = list(range(T - 1, -1, -1))
+                time_h = head.sampling_times(ts, x)  # every step's time features in one pass
+                for i, step in enumerate(ts):
+                    eps = head.eps_at(x, cond_h, time_h[i], w)
                     noise = keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev) if step > 0 else None
                     x = sched.ddpm_step_at(x, step, eps, noise)
             else:
                 ts = ddim_timesteps(T, self.cfg.steps).tolist()
+                time_h = head.sampling_times(ts, x)
                 for i, step in enumerate(ts):
                     prev = ts[i + 1] if i + 1 < len(ts) else -1
-                    eps = head.eps_at(x, cond_h, step, w)
+                    eps = head.eps_at(x, cond_h, time_h[i], w)
                     noise = None
                     if eta > 0 and prev >= 0:
                         noise = keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev)

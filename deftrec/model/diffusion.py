@@ -347,8 +347,8 @@ class Denoiser(nn.Module):
                              f"{tuple(x_t.shape)}, {tuple(cond.shape)}, {tuple(t.shape)}")
         return self.trunk(x_t, self.cond_features(cond, drop_cond), self.time_features(t, x_t.dtype))
 
-    # forward = trunk(x_t, g(c), MLP(sinusoid(t))). Samplers compute g(c) once per sample and
-    # the time features once per step (one row, broadcast), instead of once per row and step.
+    # forward = trunk(x_t, g(c), MLP(sinusoid(t))). Samplers compute g(c) and every step's time
+    # features once per sample (one row per step, broadcast), instead of once per row and step.
     def cond_features(self, cond: Tensor, drop_cond: Tensor | None = None) -> Tensor:
         """g(c) [B, hidden]; rows with drop_cond True use the null condition."""
         cond = cond.to(self.null_cond.dtype)
@@ -400,10 +400,14 @@ class DiffusionHead(nn.Module):
                           torch.ones(B, dtype=torch.bool, device=cond.device)])
         return self.denoiser.cond_features(torch.cat([cond, cond]), drop)
 
-    def eps_at(self, x_t: Tensor, cond_h: Tensor, step: int, guidance_w: float = 0.0) -> Tensor:
-        """:meth:`guided_eps` at t = ``step`` for every row, from ``sampling_condition``'s output."""
-        t = torch.full((1,), step, dtype=torch.long, device=x_t.device)
-        time_h = self.denoiser.time_features(t, x_t.dtype)
+    def sampling_times(self, steps: list[int], like: Tensor) -> Tensor:
+        """Time features [len(steps), hidden] of a sampler's timesteps, computed once per sample."""
+        t = torch.tensor(steps, dtype=torch.long, device=like.device)
+        return self.denoiser.time_features(t, like.dtype)
+
+    def eps_at(self, x_t: Tensor, cond_h: Tensor, time_h: Tensor, guidance_w: float = 0.0) -> Tensor:
+        """:meth:`guided_eps` for one timestep shared by every row, from ``sampling_condition``'s
+        output and that step's row of ``sampling_times`` ([1, hidden] or [hidden])."""
         if guidance_w == 0.0:
             return self.denoiser.trunk(x_t, cond_h, time_h)
         B = x_t.shape[0]
@@ -551,15 +555,18 @@ class DiffusionHead(nn.Module):
         try:
             cond_h = self.sampling_condition(cond, w)
             if sampler == "ddpm":
-                for step in range(T - 1, -1, -1):
-                    eps = self.eps_at(x, cond_h, step, w)
+                ts = list(range(T - 1, -1, -1))
+                time_h = self.sampling_times(ts, x)
+                for i, step in enumerate(ts):
+                    eps = self.eps_at(x, cond_h, time_h[i], w)
                     noise = _draw_randn(tuple(x.shape), x, generator) if step > 0 else None
                     x = self.schedule.ddpm_step_at(x, step, eps, noise)
             else:
                 ts = ddim_timesteps(T, self.cfg.ddim_steps if steps is None else int(steps)).tolist()
+                time_h = self.sampling_times(ts, x)
                 for i, step in enumerate(ts):
                     prev = ts[i + 1] if i + 1 < len(ts) else -1
-                    eps = self.eps_at(x, cond_h, step, w)
+                    eps = self.eps_at(x, cond_h, time_h[i], w)
                     # The last jump (to abar = 1) has sigma = 0, so it never needs noise.
                     noise = _draw_randn(tuple(x.shape), x, generator) if (eta > 0 and prev >= 0) else None
                     x = self.schedule.ddim_step_at(x, step, prev, eps, eta if noise is not None else 0.0, noise)

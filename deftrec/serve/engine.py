@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from deftrec.index import IndexConfig, load_index, search
 from deftrec.io import ArtifactError, is_complete, read_manifest
@@ -137,6 +138,10 @@ class RecommenderEngine:
 
     def recommend(self, queries: Sequence[Query]) -> tuple[list[dict], dict]:
         """-> (per query {"items": [(idx, score)], "reasoning"}, stage timings in ms for the batch)."""
+        with torch.inference_mode():  # a little less per-op bookkeeping than no_grad
+            return self._recommend(queries)
+
+    def _recommend(self, queries: Sequence[Query]) -> tuple[list[dict], dict]:
         t0 = time.perf_counter()
         keys = np.array([q.key for q in queries], dtype=np.int64)
         users = np.array([q.user if q.user is not None else 0 for q in queries], dtype=np.int64)
