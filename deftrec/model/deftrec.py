@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from deftrec.config import DeftRecConfig, EvalConfig
 from deftrec.data.samples import Catalog
 from deftrec.metrics import topk as _topk
-from deftrec.model.diffusion import DiffusionHead, ddim_timesteps
+from deftrec.model.diffusion import DiffusionHead
 from deftrec.model.prompts import IGNORE_INDEX, build_generation_batch, build_inputs_embeds, build_training_batch
 from deftrec.model.tokenizer import ContinuousTokenizer
 
@@ -465,36 +465,10 @@ class DeftRecRecommender:
         head = m.head
         seed = self.cfg.seed if seed is None else int(seed)
         keys = torch.as_tensor(np.asarray(keys, dtype=np.int64))
-        B, d_c, T = cond.shape[0], head.cfg.d_c, head.cfg.T
-        dev = m.device
-        cond = cond.to(dev)
+        d_c, dev = head.cfg.d_c, m.device
         x = keyed_normal(seed, keys, stream=0, dim=d_c).to(dev)
-        w, eta = self.cfg.guidance_w, self.cfg.eta
-        was_training = head.training
-        head.eval()
-        try:
-            cond_h = head.sampling_condition(cond, w)  # g(c) once, not once per step
-            sched = head.schedule
-            if self.cfg.sampler == "ddpm":
-                ts = list(range(T - 1, -1, -1))
-                time_h = head.sampling_times(ts, x)  # every step's time features in one pass
-                for i, step in enumerate(ts):
-                    eps = head.eps_at(x, cond_h, time_h[i], w)
-                    noise = keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev) if step > 0 else None
-                    x = sched.ddpm_step_at(x, step, eps, noise)
-            else:
-                ts = ddim_timesteps(T, self.cfg.steps).tolist()
-                time_h = head.sampling_times(ts, x)
-                for i, step in enumerate(ts):
-                    prev = ts[i + 1] if i + 1 < len(ts) else -1
-                    eps = head.eps_at(x, cond_h, time_h[i], w)
-                    noise = None
-                    if eta > 0 and prev >= 0:
-                        noise = keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev)
-                    x = sched.ddim_step_at(x, step, prev, eps, eta if noise is not None else 0.0, noise)
-        finally:
-            head.train(was_training)
-        return x
+        return head.reverse(x, cond.to(dev), self.cfg.sampler, self.cfg.steps, self.cfg.guidance_w, self.cfg.eta,
+                            noise=lambda step: keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev))
 
     # -- step 5: scores
     @torch.no_grad()

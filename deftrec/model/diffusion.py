@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -550,26 +550,32 @@ class DiffusionHead(nn.Module):
                 raise ValueError(f"x_T must be [B={B}, d_c={self.cfg.d_c}], got {tuple(x_T.shape)}")
             x = x_T.to(device=param.device, dtype=param.dtype)
 
+        return self.reverse(x, cond, sampler, self.cfg.ddim_steps if steps is None else int(steps), w, eta,
+                            noise=lambda step: _draw_randn(tuple(x.shape), x, generator))
+
+    @torch.no_grad()
+    def reverse(self, x_T: Tensor, cond: Tensor, sampler: str, steps: int, guidance_w: float, eta: float,
+                noise: Callable[[int], Tensor]) -> Tensor:
+        """The reverse process from x_T at t = T-1 down to x0_hat, in eval mode (the previous mode
+        is restored). ``steps`` is the DDIM step count (ignored by DDPM); ``noise(step)`` gives
+        that step's z and is only called for the steps that add noise, in sampling order."""
         was_training = self.denoiser.training
         self.denoiser.eval()
         try:
-            cond_h = self.sampling_condition(cond, w)
-            if sampler == "ddpm":
-                ts = list(range(T - 1, -1, -1))
-                time_h = self.sampling_times(ts, x)
-                for i, step in enumerate(ts):
-                    eps = self.eps_at(x, cond_h, time_h[i], w)
-                    noise = _draw_randn(tuple(x.shape), x, generator) if step > 0 else None
-                    x = self.schedule.ddpm_step_at(x, step, eps, noise)
-            else:
-                ts = ddim_timesteps(T, self.cfg.ddim_steps if steps is None else int(steps)).tolist()
-                time_h = self.sampling_times(ts, x)
-                for i, step in enumerate(ts):
+            cond_h = self.sampling_condition(cond, guidance_w)  # g(c) once, not once per step
+            T = self.cfg.T
+            ts = list(range(T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(T, steps).tolist()
+            time_h = self.sampling_times(ts, x_T)  # every step's time features in one pass
+            x = x_T
+            for i, step in enumerate(ts):
+                eps = self.eps_at(x, cond_h, time_h[i], guidance_w)
+                if sampler == "ddpm":
+                    x = self.schedule.ddpm_step_at(x, step, eps, noise(step) if step > 0 else None)
+                else:
                     prev = ts[i + 1] if i + 1 < len(ts) else -1
-                    eps = self.eps_at(x, cond_h, time_h[i], w)
                     # The last jump (to abar = 1) has sigma = 0, so it never needs noise.
-                    noise = _draw_randn(tuple(x.shape), x, generator) if (eta > 0 and prev >= 0) else None
-                    x = self.schedule.ddim_step_at(x, step, prev, eps, eta if noise is not None else 0.0, noise)
+                    z = noise(step) if (eta > 0 and prev >= 0) else None
+                    x = self.schedule.ddim_step_at(x, step, prev, eps, eta if z is not None else 0.0, z)
         finally:
             self.denoiser.train(was_training)
         return x
