@@ -92,10 +92,7 @@ def save_collab(out_dir: str | Path, user_emb: np.ndarray, item_emb: np.ndarray,
 def load_collab(path: str | Path) -> CollabArtifact:
     """Load a finished artifact; raises ArtifactError if it is missing, unfinished or inconsistent."""
     root = Path(path)
-    manifest = read_manifest(root)  # raises unless status == complete
-    missing = [f for f in _FILES if not (root / f).is_file()]
-    if missing:
-        raise ArtifactError(f"{root}: complete manifest but missing {missing}")
+    manifest = read_manifest(root, files=_FILES)  # raises unless complete with every file
     U = np.load(root / "user_emb.npy")
     E = np.load(root / "item_emb.npy")
     if U.shape != (manifest["n_users"], manifest["dim"]) or E.shape != (manifest["n_items"], manifest["dim"]):

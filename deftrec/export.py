@@ -30,7 +30,7 @@ import torch
 
 from deftrec.config import DeftRecConfig
 from deftrec.config_utils import from_dict, to_dict
-from deftrec.io import ArtifactError, atomic_directory, finish_manifest, read_manifest, verify_outputs
+from deftrec.io import ArtifactError, atomic_directory, finish_manifest, read_manifest, require_files, verify_outputs
 
 if TYPE_CHECKING:
     from deftrec.data.samples import Catalog
@@ -164,9 +164,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
     if manifest.get("artifact") != "deftrec-model" or manifest.get("format") != EXPORT_FORMAT:
         raise ArtifactError(f"{root}: not a DeftRec export of format {EXPORT_FORMAT} "
                             f"(artifact={manifest.get('artifact')!r}, format={manifest.get('format')!r})")
-    missing = [f for f in _FILES if not (root / f).is_file()] + ([] if (root / "llm").is_dir() else ["llm/"])
-    if missing:
-        raise ArtifactError(f"{root}: complete manifest but missing {missing}")
+    require_files(root, _FILES + ("llm/",))
     if verify:
         verify_outputs(root)
     d = json.loads((root / "config.json").read_text())

@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 MANIFEST = "manifest.json"
 
@@ -66,8 +66,10 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_manifest(directory: str | os.PathLike, require_complete: bool = True) -> dict:
-    """Load ``directory/manifest.json``; raise ArtifactError if absent or not complete."""
+def read_manifest(directory: str | os.PathLike, require_complete: bool = True,
+                  files: Sequence[str] = ()) -> dict:
+    """Load ``directory/manifest.json``; raise ArtifactError if absent or not complete, or if any
+    of ``files`` is missing (see :func:`require_files`)."""
     p = Path(directory) / MANIFEST
     if not p.is_file():
         raise ArtifactError(f"{directory}: no {MANIFEST}; the artifact is missing or was never finished")
@@ -75,7 +77,17 @@ def read_manifest(directory: str | os.PathLike, require_complete: bool = True) -
         m = json.load(f)
     if require_complete and m.get("status") != "complete":
         raise ArtifactError(f"{p}: status is {m.get('status')!r}, not 'complete'")
+    require_files(directory, files)
     return m
+
+
+def require_files(directory: str | os.PathLike, files: Sequence[str]) -> None:
+    """Raise ArtifactError naming every one of ``files`` missing under ``directory``. A name may be
+    a file or a directory (a partitioned Parquet dataset); a trailing ``/`` requires a directory."""
+    root = Path(directory)
+    missing = [f for f in files if not ((root / f).is_dir() if f.endswith("/") else (root / f).exists())]
+    if missing:
+        raise ArtifactError(f"{directory}: complete manifest but missing {missing}")
 
 
 def is_complete(directory: str | os.PathLike) -> bool:

@@ -264,10 +264,7 @@ def _read_split(path: Path) -> EvalSet:
 def load_dataset(path: str | Path) -> Dataset:
     """Load a preprocessed directory; raises ArtifactError if it is incomplete or inconsistent."""
     root = Path(path)
-    manifest = read_manifest(root)  # raises unless status == complete
-    missing = [f for f in _FILES if not (root / f).exists()]
-    if missing:
-        raise ArtifactError(f"{root}: complete manifest but missing {missing}")
+    manifest = read_manifest(root, files=_FILES)  # raises unless complete with every file
     seq = _read_sorted(root / "sequences.parquet", ["user", "items"])
     users = seq.column("user").to_numpy().astype(np.int64)
     if users.size == 0:
