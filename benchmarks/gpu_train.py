@@ -44,11 +44,12 @@ def peak_tflops(name: str) -> float | None:
 
 
 def prepare(config: Path, data_preset: str | None, run: Path, overrides: list[str]) -> None:
-    from deftrec.collab import save_collab
+    from deftrec.artifacts.collab import save_collab
     from deftrec.data.samples import load_dataset
-    from deftrec.io import is_complete
-    from deftrec.pipeline import load_pipeline_config, run_pipeline
-    from deftrec.train_local import fit_collab
+    from deftrec.core.artifacts import is_complete
+    from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.end_to_end import run_pipeline
+    from deftrec.training.local import fit_collab
 
     if not is_complete(run / "data"):
         src = REPO / "pipelines" / "configs" / f"{data_preset}.yaml" if data_preset else config
@@ -72,10 +73,10 @@ def flops_per_sample(cfg, run: Path, n_batches: int = 3) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from deftrec.collab import load_collab
+    from deftrec.artifacts.collab import load_collab
     from deftrec.data.samples import build_training_samples, load_dataset
     from deftrec.model.deftrec import DeftRec, DeftRecTask
-    from deftrec.train_local import make_batch
+    from deftrec.training.optim import make_batch
 
     data = load_dataset(run / "data")
     collab = load_collab(run / "collab")
@@ -120,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from deftrec.distributed import DistributedConfig, resolve_precision, train_distributed
-    from deftrec.pipeline import load_pipeline_config
+    from deftrec.config.training import DistributedConfig
+    from deftrec.training.ds_config import resolve_precision
+    from deftrec.training.driver import train_distributed
+    from deftrec.config.pipeline import load_pipeline_config
 
     if not torch.cuda.is_available():
         print("error: no CUDA device: this benchmark needs a GPU", file=sys.stderr)

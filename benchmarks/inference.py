@@ -29,16 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _model(args):
-    from deftrec.config import load_deftrec_config
-    from deftrec.train_local import train_local
+    from deftrec.config.pipeline import load_deftrec_config
+    from deftrec.training.local import train_local
 
     if args.model_dir:
-        from deftrec.export import load_model
+        from deftrec.artifacts.model import load_model
 
         return load_model(args.model_dir), args.data
     data = args.data
     if data is None:
-        from deftrec.pipeline import load_pipeline_config, run_pipeline
+        from deftrec.config.pipeline import load_pipeline_config
+        from deftrec.end_to_end import run_pipeline
 
         tmp = Path(tempfile.mkdtemp(prefix="deftrec-bench-"))
         run_pipeline(load_pipeline_config(REPO / "pipelines/configs/tiny.yaml"), tmp, log=lambda s: None)
@@ -50,8 +51,9 @@ def _model(args):
 
 
 def stage_table(model, es, batch: int) -> list[tuple[str, float]]:
-    from deftrec.index import IndexConfig, build_index, search
-    from deftrec.model.deftrec import DeftRecRecommender
+    from deftrec.config.jobs import IndexConfig
+    from deftrec.retrieval.index import build_index, search
+    from deftrec.retrieval.recommender import DeftRecRecommender
 
     rec = DeftRecRecommender(model)
     hist, users = es.histories, es.users
@@ -82,8 +84,8 @@ def stage_table(model, es, batch: int) -> list[tuple[str, float]]:
 
 
 def sampler_table(model, es, batch: int) -> list[tuple]:
-    from deftrec.metrics import evaluate_scores
-    from deftrec.model.deftrec import DeftRecRecommender
+    from deftrec.retrieval.metrics import evaluate_scores
+    from deftrec.retrieval.recommender import DeftRecRecommender
 
     T = model.head.cfg.T
     rows = []
@@ -104,7 +106,8 @@ def sampler_table(model, es, batch: int) -> list[tuple]:
 
 
 def faiss_table(n_items: int, dim: int, n_queries: int) -> list[tuple]:
-    from deftrec.index import IndexConfig, build_index, recall_at_k, search
+    from deftrec.config.jobs import IndexConfig
+    from deftrec.retrieval.index import build_index, recall_at_k, search
 
     rng = np.random.default_rng(0)
     # clustered keys look more like learned embeddings than an isotropic Gaussian

@@ -66,13 +66,13 @@ def measured(cmd: list[str]) -> tuple[dict, float]:
 
 def run_one(impl: str, inp: str, items: str, out: str) -> None:
     """Child process: run one implementation and print a JSON line."""
-    from deftrec.config_utils import from_dict
-    from deftrec.data.config import PreprocessConfig
+    from deftrec.core.config import from_dict
+    from deftrec.config.data import PreprocessConfig
 
     cfg = from_dict(PreprocessConfig, {"input": [inp], "items": items, "output": out, "overwrite": True})
     if impl == "ray":
         from deftrec.data.preprocess import run_preprocess
-        from deftrec.ray_utils import ensure_ray
+        from deftrec.core.cluster import ensure_ray
 
         t0 = time.time()
         ensure_ray()
@@ -102,8 +102,9 @@ def main() -> None:
     if a.run:
         run_one(a.run, a.input, a.items, a.out)
         return
-    from deftrec.data.synth import SynthConfig, generate
-    from deftrec.io import is_complete
+    from deftrec.config.data import SynthConfig
+    from deftrec.data.synth import generate
+    from deftrec.core.artifacts import is_complete
 
     work = Path(a.workdir)
     rows = []

@@ -37,10 +37,10 @@ def _prepare_data(path: Path, work: Path) -> Path:
     """A preprocessed directory: ``path`` itself, or ``path`` (authors' format) preprocessed into ``work``."""
     if (path / "manifest.json").is_file():
         return path
-    from deftrec.data.config import PreprocessConfig
+    from deftrec.config.data import PreprocessConfig
     from deftrec.data.preprocess import run_preprocess
-    from deftrec.io import is_complete
-    from deftrec.ray_utils import ensure_ray
+    from deftrec.core.artifacts import is_complete
+    from deftrec.core.cluster import ensure_ray
 
     out = work / f"{path.name}-preprocessed"
     if not is_complete(out):
@@ -71,8 +71,8 @@ def _evaluate_deftrec(model, test, step_counts: list[int], seed: int) -> dict[in
     """
     import torch
 
-    from deftrec.metrics import evaluate_both_protocols
-    from deftrec.model.deftrec import DeftRecRecommender
+    from deftrec.retrieval.metrics import evaluate_both_protocols
+    from deftrec.retrieval.recommender import DeftRecRecommender
 
     model.eval()
     base = model.cfg.eval
@@ -104,10 +104,10 @@ def measure_step_rss(preset: str, overrides: list[str], batch: int = 4, history:
     """
     import torch
 
-    from deftrec.config import load_deftrec_config
+    from deftrec.config.pipeline import load_deftrec_config
     from deftrec.data.samples import Catalog
     from deftrec.model.deftrec import DeftRec, DeftRecTask
-    from deftrec.train_local import build_optimizer, train_step
+    from deftrec.training.optim import build_optimizer, train_step
 
     torch.set_num_threads(2)
     cfg = load_deftrec_config(REPO / f"pipelines/configs/{preset}.yaml",
@@ -171,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from deftrec.baselines import run_baselines
-    from deftrec.config import load_deftrec_config
+    from deftrec.batch.baselines import run_baselines
+    from deftrec.config.pipeline import load_deftrec_config
     from deftrec.data.samples import load_dataset
-    from deftrec.train_local import train_local
+    from deftrec.training.local import train_local
 
     torch.set_num_threads(2)
     a.work.mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 def prepare(preset: str, workdir: Path) -> Path:
     """RUN_DIR with data/ (the preset's data stages) and collab/ (a short LightGCN run), cached."""
-    from deftrec.collab import save_collab
+    from deftrec.artifacts.collab import save_collab
     from deftrec.data.samples import load_dataset
-    from deftrec.io import is_complete
-    from deftrec.pipeline import load_pipeline_config, run_pipeline
-    from deftrec.train_local import fit_collab
+    from deftrec.core.artifacts import is_complete
+    from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.end_to_end import run_pipeline
+    from deftrec.training.local import fit_collab
 
     run = workdir / preset
     cfg = load_pipeline_config(REPO / "pipelines" / "configs" / f"{preset}.yaml")
@@ -55,8 +56,9 @@ def prepare(preset: str, workdir: Path) -> Path:
 
 
 def run_one(preset: str, run: Path, stage: int, workers: int, steps: int, window: int) -> dict:
-    from deftrec.distributed import DistributedConfig, train_distributed
-    from deftrec.pipeline import load_pipeline_config
+    from deftrec.config.training import DistributedConfig
+    from deftrec.training.driver import train_distributed
+    from deftrec.config.pipeline import load_pipeline_config
 
     overrides = ["collab.epochs=2", f"train.log_every={window}", "train.validate_every=null",
                  f"train.valid_users={max(8, workers)}", "eval.steps=1", "eval.sampler=ddim",
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from deftrec.ray_utils import configure_data_context
+    from deftrec.core.cluster import configure_data_context
 
     torch.set_num_threads(1)
     ray.init(num_cpus=max(a.workers), include_dashboard=False, logging_level="warning", log_to_driver=False)

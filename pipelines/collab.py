@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from deftrec.config_utils import ConfigError
+from deftrec.core.config import ConfigError
 from deftrec.data.readers import InputError
-from deftrec.io import ArtifactError
+from deftrec.core.artifacts import ArtifactError
 
 
 def distributed_overrides(a: argparse.Namespace) -> list[str]:
@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     add_distributed_flags(p)
     p.add_argument("--force", action="store_true", help="retrain even if DIR/collab is up to date")
     a = p.parse_args(argv)
-    from deftrec.collab import collab_fingerprint, train_collab_distributed
-    from deftrec.io import is_complete, read_manifest
-    from deftrec.pipeline import load_pipeline_config
+    from deftrec.artifacts.collab import collab_fingerprint
+    from deftrec.training.collab_job import train_collab_distributed
+    from deftrec.core.artifacts import is_complete, read_manifest
+    from deftrec.config.pipeline import load_pipeline_config
 
     run_dir = Path(a.run_dir)
     out = run_dir / "collab"

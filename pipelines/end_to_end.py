@@ -14,9 +14,9 @@ import argparse
 import json
 import sys
 
-from deftrec.config_utils import ConfigError
+from deftrec.core.config import ConfigError
 from deftrec.data.readers import InputError
-from deftrec.io import ArtifactError
+from deftrec.core.artifacts import ArtifactError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True, help="directory for every artifact of this run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     a = p.parse_args(argv)
-    from deftrec.pipeline import load_pipeline_config, run_pipeline
+    from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.end_to_end import run_pipeline
 
     try:
         cfg = load_pipeline_config(a.config, a.set)
@@ -50,7 +51,7 @@ def format_summary(summary: dict, run_dir: str) -> str:
                      f"splits {json.dumps(c['splits'])}")
     m = summary.get("metrics")
     if m:
-        from deftrec.evaluation import format_table
+        from deftrec.batch.report import format_table
 
         lines += ["", format_table(m), f"protocol: {m['protocol']}"]
     if "train" in summary["stages"]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deftrec.config_utils import ConfigError, from_dict
-from deftrec.io import ArtifactError
+from deftrec.core.config import ConfigError, from_dict
+from deftrec.core.artifacts import ArtifactError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--actors", type=int, default=1)
     a = p.parse_args(argv)
-    from deftrec.evaluation import EvalJobConfig, run_evaluation
+    from deftrec.config.jobs import EvalJobConfig
+    from deftrec.batch.evaluate import run_evaluation
 
     try:
         cfg = from_dict(EvalJobConfig, {k: v for k, v in {

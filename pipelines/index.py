@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deftrec.config_utils import ConfigError, apply_overrides, from_dict
-from deftrec.index import IndexConfig
-from deftrec.io import ArtifactError
+from deftrec.core.config import ConfigError, apply_overrides, from_dict
+from deftrec.config.jobs import IndexConfig
+from deftrec.core.artifacts import ArtifactError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild even if the index is up to date")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="other IndexConfig fields")
     a = p.parse_args(argv)
-    from deftrec.evaluation import run_index_job
+    from deftrec.batch.index_job import run_index_job
 
     try:
         data = {k: v for k, v in {"factory": a.factory, "metric": a.metric}.items() if v is not None}

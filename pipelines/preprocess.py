@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deftrec.config_utils import ConfigError, apply_overrides, from_dict, load_yaml
-from deftrec.data.config import FORMATS, PreprocessConfig
+from deftrec.core.config import ConfigError, apply_overrides, from_dict, load_yaml
+from deftrec.config.data import FORMATS, PreprocessConfig
 from deftrec.data.readers import InputError
-from deftrec.io import ArtifactError
+from deftrec.core.artifacts import ArtifactError
 
 
 def build_config(argv: list[str] | None = None) -> PreprocessConfig:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deftrec.config_utils import ConfigError
-from deftrec.data.synth import SynthConfig, generate
-from deftrec.io import ArtifactError
+from deftrec.core.config import ConfigError
+from deftrec.config.data import SynthConfig
+from deftrec.data.synth import generate
+from deftrec.core.artifacts import ArtifactError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from deftrec.config_utils import ConfigError
+from deftrec.core.config import ConfigError
 from deftrec.data.readers import InputError
-from deftrec.io import ArtifactError
+from deftrec.core.artifacts import ArtifactError
 from pipelines.collab import add_distributed_flags, distributed_overrides
 
 
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug-steps", type=int, help="stop after N optimizer steps (smoke run)")
     p.add_argument("--no-export", action="store_true", help="train and checkpoint only; do not write DIR/model")
     a = p.parse_args(argv)
-    from deftrec.distributed import train_distributed
-    from deftrec.pipeline import load_pipeline_config
+    from deftrec.training.driver import train_distributed
+    from deftrec.config.pipeline import load_pipeline_config
 
     overrides = distributed_overrides(a)
     if a.zero_stage is not None:

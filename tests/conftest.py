@@ -20,7 +20,7 @@ def ray_session():
     """One local Ray instance shared by every test that needs Ray."""
     import ray
 
-    from deftrec.ray_utils import configure_data_context
+    from deftrec.core.cluster import configure_data_context
 
     if not ray.is_initialized():
         # address="local": always a fresh instance, never a `ray start` cluster left on the machine
@@ -40,7 +40,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory):
     """A small synthetic log (deterministic) shared by several tests."""
-    from deftrec.data.synth import SynthConfig, generate
+    from deftrec.config.data import SynthConfig
+    from deftrec.data.synth import generate
 
     out = tmp_path_factory.mktemp("synth") / "small"
     generate(SynthConfig(users=300, items=120, mean_length=20, seed=7), out, log=lambda s: None)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deftrec.baselines import BASELINES, EASE, Baseline, MarkovLastItem, Popularity, run_baselines
-from deftrec.metrics import evaluate_both_protocols, topk
+from deftrec.batch.baselines import BASELINES, EASE, Baseline, MarkovLastItem, Popularity, run_baselines
+from deftrec.retrieval.metrics import evaluate_both_protocols, topk
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from deftrec.baselines import Popularity
-from deftrec.collab import collab_fingerprint, load_collab, save_collab, train_collab_distributed
+from deftrec.batch.baselines import Popularity
+from deftrec.artifacts.collab import collab_fingerprint, load_collab, save_collab
+from deftrec.training.collab_job import train_collab_distributed
 from deftrec.data.samples import load_dataset, training_pairs
-from deftrec.distributed import DistributedConfig
-from deftrec.io import ArtifactError
-from deftrec.metrics import evaluate_both_protocols
-from deftrec.model.lightgcn import LightGCNConfig, train_lightgcn
+from deftrec.config.training import DistributedConfig
+from deftrec.core.artifacts import ArtifactError
+from deftrec.retrieval.metrics import evaluate_both_protocols
+from deftrec.config.components import LightGCNConfig
+from deftrec.model.lightgcn import train_lightgcn
 
 torch.set_num_threads(1)
 
@@ -31,7 +33,8 @@ CFG = LightGCNConfig(dim=16, layers=2, epochs=8, eval_every=4, batch_size=1024, 
 
 @pytest.fixture(scope="module")
 def run_dir(ray_session, tmp_path_factory) -> Path:
-    from deftrec.pipeline import load_pipeline_config, run_pipeline
+    from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.end_to_end import run_pipeline
 
     d = tmp_path_factory.mktemp("collab_run")
     run_pipeline(load_pipeline_config(TINY, SMALL), d, log=lambda s: None)

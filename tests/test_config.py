@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from deftrec.config import DeftRecConfig, DiffusionSettings, EvalConfig, TokenizerSettings, TrainConfig, load_deftrec_config
-from deftrec.config_utils import ConfigError, from_dict, to_dict
-from deftrec.pipeline import PipelineConfig, load_pipeline_config
+from deftrec.config.model import DeftRecConfig, DiffusionSettings, EvalConfig, TokenizerSettings
+from deftrec.config.training import TrainConfig
+from deftrec.config.pipeline import load_deftrec_config
+from deftrec.core.config import ConfigError, from_dict, to_dict
+from deftrec.config.pipeline import PipelineConfig, load_pipeline_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 

@@ -10,12 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from deftrec.model.diffusion import (
-    DiffusionConfig,
-    DiffusionHead,
-    NoiseSchedule,
-    ddim_timesteps,
-)
+from deftrec.config.components import DiffusionConfig
+from deftrec.model.diffusion import DiffusionHead, NoiseSchedule, ddim_timesteps
 
 torch.set_num_threads(1)
 

@@ -18,23 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from deftrec.config import TrainConfig, load_deftrec_config
+from deftrec.config.training import TrainConfig
+from deftrec.config.pipeline import load_deftrec_config
 from deftrec.data.samples import Ragged, build_training_samples
-from deftrec.distributed import (
-    REFERENCE_CONFIGS,
-    DistributedConfig,
-    _set_schedule_step,
-    build_deepspeed_config,
-    config_fingerprint,
-    plan_steps,
-    read_trainer_state,
-    reference_deepspeed_config,
-    resolve_precision,
-    samples_table,
-    shard_bounds,
-    train_distributed,
-)
-from deftrec.metrics import evaluate_both_protocols
+from deftrec.training.ds_config import REFERENCE_CONFIGS, build_deepspeed_config, reference_deepspeed_config, resolve_precision
+from deftrec.config.training import DistributedConfig
+from deftrec.training.worker import _set_schedule_step
+from deftrec.training.checkpoint import config_fingerprint, read_trainer_state
+from deftrec.training.dataset import plan_steps, samples_table, shard_bounds
+from deftrec.training.driver import train_distributed
+from deftrec.retrieval.metrics import evaluate_both_protocols
 
 torch.set_num_threads(1)
 
@@ -63,7 +56,7 @@ def test_distributed_config_rejects_impossible_settings(kwargs, match):
 
 
 def test_distributed_config_from_preset_section():
-    from deftrec.pipeline import load_pipeline_config
+    from deftrec.config.pipeline import load_pipeline_config
 
     cfg = load_pipeline_config(TINY, ["distributed.num_workers=3", "distributed.cpus_per_worker=2",
                                       "distributed.zero_stage=3", "distributed.offload_params=true"])
@@ -181,7 +174,7 @@ def test_step_plan():
 
 
 def test_resumed_schedule_matches_an_uninterrupted_one():
-    from deftrec.train_local import build_scheduler, lr_factor
+    from deftrec.training.optim import build_scheduler, lr_factor
 
     cfg = load_deftrec_config(TINY, ["train.warmup_steps=3", "train.min_lr_ratio=0.1"])
     p = torch.nn.Parameter(torch.zeros(1))
@@ -220,10 +213,11 @@ TRAIN = ["collab.dim=16", "train.batch_size=8", "train.max_steps=8", "train.warm
 @pytest.fixture(scope="module")
 def run_dir(ray_session, tmp_path_factory) -> Path:
     """Preprocessed small synthetic log + collab artifact (LightGCN in-process: the job has its own tests)."""
-    from deftrec.collab import save_collab
+    from deftrec.artifacts.collab import save_collab
     from deftrec.data.samples import load_dataset
-    from deftrec.pipeline import load_pipeline_config, run_pipeline
-    from deftrec.train_local import fit_collab
+    from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.end_to_end import run_pipeline
+    from deftrec.training.local import fit_collab
 
     d = tmp_path_factory.mktemp("dist_run")
     pcfg = load_pipeline_config(TINY, ["stages=[synth,preprocess]", "data.synth.users=300", "data.synth.items=120",
@@ -263,8 +257,8 @@ def _events(path: Path) -> list[tuple[int, int, int]]:
 def _check_export_matches_checkpoint(run_dir: Path, result, data_dir: Path | None = None) -> None:
     """The exported model reproduces, on one process, the validation metrics the workers all-reduced."""
     from deftrec.data.samples import load_dataset
-    from deftrec.export import load_model
-    from deftrec.train_local import evaluate
+    from deftrec.artifacts.model import load_model
+    from deftrec.training.validation import evaluate
 
     model = load_model(run_dir / "model")
     state = result.state
@@ -352,7 +346,7 @@ def test_zero3_two_workers_consolidates_validates_and_stops_in_lockstep(run_dir,
     assert steps == {0: latest.step, 1: latest.step}
     from safetensors.torch import load_file
 
-    from deftrec.distributed import WEIGHTS_FILE
+    from deftrec.training.checkpoint import WEIGHTS_FILE
 
     w = load_file(str(Path(res.best_checkpoint) / WEIGHTS_FILE))
     # full (gathered) tensors, not the empty local partitions ZeRO-3 leaves on each rank
@@ -364,7 +358,7 @@ def test_zero3_two_workers_consolidates_validates_and_stops_in_lockstep(run_dir,
 def test_both_sample_sources_give_the_library_samples(run_dir):
     """driver-built blocks and the lazy read_parquet -> map_batches stream hold the same rows."""
     from deftrec.data.samples import load_dataset
-    from deftrec.distributed import build_train_dataset
+    from deftrec.training.dataset import build_train_dataset
 
     cfg = load_deftrec_config(TINY, TRAIN)
     data = load_dataset(run_dir / "data")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -17,8 +15,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from deftrec.index import IndexConfig, exact_topk
-from deftrec.io import read_manifest
+from deftrec.config.jobs import IndexConfig
+from deftrec.core.artifacts import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 URL = "http://127.0.0.1:8000"
@@ -26,9 +24,9 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def _train_and_export(data_dir, out_dir, seed: int):
-    from deftrec.config import load_deftrec_config
-    from deftrec.export import export_model
-    from deftrec.train_local import train_local
+    from deftrec.config.pipeline import load_deftrec_config
+    from deftrec.artifacts.model import export_model
+    from deftrec.training.local import train_local
 
     cfg = load_deftrec_config(REPO / "pipelines/configs/tiny.yaml", [
         "train.max_steps=6", "train.warmup_steps=2", "train.validate_every=6", "train.valid_users=40",
@@ -42,10 +40,10 @@ def _train_and_export(data_dir, out_dir, seed: int):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, synth_small):
     """data/ (preprocessed synthetic log), model/ (a briefly trained tiny export), index/ (Flat)."""
-    from deftrec.config_utils import from_dict
-    from deftrec.data.config import PreprocessConfig
+    from deftrec.core.config import from_dict
+    from deftrec.config.data import PreprocessConfig
     from deftrec.data.preprocess import run_preprocess
-    from deftrec.evaluation import run_index_job
+    from deftrec.batch.index_job import run_index_job
 
     root = tmp_path_factory.mktemp("run")
     run_preprocess(from_dict(PreprocessConfig, {"input": [str(synth_small / "interactions.csv")],
@@ -60,8 +58,8 @@ def run(tmp_path_factory, synth_small):
 
 
 def test_index_job_keys_manifest_and_idempotence(run):
-    from deftrec.evaluation import run_index_job
-    from deftrec.export import load_model
+    from deftrec.batch.index_job import run_index_job
+    from deftrec.artifacts.model import load_model
 
     m = read_manifest(run / "index")
     model = load_model(run / "model")
@@ -92,9 +90,10 @@ def _hand_metrics(lists: np.ndarray, targets: np.ndarray, k: int) -> tuple[float
 
 def test_evaluation_metrics_recs_and_determinism(run):
     from deftrec.data.samples import load_dataset
-    from deftrec.evaluation import EvalJobConfig, run_evaluation
-    from deftrec.export import load_model
-    from deftrec.model.deftrec import DeftRecRecommender
+    from deftrec.config.jobs import EvalJobConfig
+    from deftrec.batch.evaluate import run_evaluation
+    from deftrec.artifacts.model import load_model
+    from deftrec.retrieval.recommender import DeftRecRecommender
 
     m1 = run_evaluation(run, EvalJobConfig(limit=60, batch_size=16, seed=3), log=lambda s: None)
     out = run / "eval"
@@ -139,8 +138,9 @@ def test_evaluation_metrics_recs_and_determinism(run):
 
 
 def test_evaluation_refuses_missing_stages(tmp_path):
-    from deftrec.evaluation import EvalJobConfig, run_evaluation
-    from deftrec.io import ArtifactError
+    from deftrec.config.jobs import EvalJobConfig
+    from deftrec.batch.evaluate import run_evaluation
+    from deftrec.core.artifacts import ArtifactError
 
     with pytest.raises(ArtifactError, match="model export"):
         run_evaluation(tmp_path, EvalJobConfig())
@@ -170,7 +170,8 @@ def _users(run) -> list[str]:
 
 
 def test_endpoint_matches_batch_evaluation(run, server):
-    from deftrec.evaluation import EvalJobConfig, run_evaluation
+    from deftrec.config.jobs import EvalJobConfig
+    from deftrec.batch.evaluate import run_evaluation
 
     run_evaluation(run, EvalJobConfig(limit=8, batch_size=4), log=lambda s: None)  # the model's own seed
     recs = pq.read_table(run / "eval" / "recs.parquet").sort_by("user")
@@ -270,7 +271,7 @@ def test_replica_kill_is_survived(run, server):
 @pytest.fixture(scope="module")
 def v2(run):
     """A second model version (another training seed) and its index."""
-    from deftrec.evaluation import run_index_job
+    from deftrec.batch.index_job import run_index_job
 
     v2_model, v2_index = run / "model_v2", run / "index_v2"
     _train_and_export(run / "data", v2_model, seed=2)
@@ -280,7 +281,7 @@ def v2(run):
 
 def _swap_under_load(run, client, prefix: str, redeploy, v2_model) -> None:
     """Four clients post continuously while ``redeploy()`` swaps in v2; every request must succeed."""
-    from deftrec.evaluation import model_version
+    from deftrec.core.artifacts import model_version
 
     old = client.get(f"{prefix}/healthz").json()["model_version"]
     assert model_version(v2_model) != old

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from deftrec.config import load_deftrec_config
+from deftrec.config.pipeline import load_deftrec_config
 from deftrec.data.samples import Catalog, Ragged
-from deftrec.distributed import STATE_FILE, WEIGHTS_FILE, TrainerState, consolidated_state, load_consolidated
-from deftrec.export import export_checkpoint, export_model, load_model
-from deftrec.io import ArtifactError, read_manifest, verify_outputs
-from deftrec.model.deftrec import DeftRec, DeftRecRecommender
+from deftrec.training.checkpoint import STATE_FILE, WEIGHTS_FILE, TrainerState, consolidated_state
+from deftrec.artifacts.model import load_consolidated
+from deftrec.artifacts.model import export_checkpoint, export_model, load_model
+from deftrec.core.artifacts import ArtifactError, read_manifest, verify_outputs
+from deftrec.model.deftrec import DeftRec
+from deftrec.retrieval.recommender import DeftRecRecommender
 
 torch.set_num_threads(1)
 
@@ -105,7 +107,7 @@ def test_export_from_consolidated_checkpoint(tmp_path):
     """The training checkpoint format (consolidated weights + trainer state) exports without DeepSpeed."""
     from safetensors.torch import save_file
 
-    from deftrec.config_utils import to_dict
+    from deftrec.core.config import to_dict
 
     src = _model("llm.lora=true", "llm.lora_r=4", seed=3)
     ckpt = tmp_path / "ckpt"
@@ -174,9 +176,9 @@ def test_load_model_imports_neither_deepspeed_nor_ray(tmp_path):
     export_model(_model(), tmp_path / "model")
     code = (
         "import sys\n"
-        "from deftrec.export import load_model\n"
+        "from deftrec.artifacts.model import load_model\n"
         f"m = load_model({str(tmp_path / 'model')!r})\n"
-        "from deftrec.model.deftrec import DeftRecRecommender\n"
+        "from deftrec.retrieval.recommender import DeftRecRecommender\n"
         "from deftrec.data.samples import Ragged\n"
         "r = DeftRecRecommender(m).recommend(Ragged.from_lists([[1, 2]]), k=3)\n"
         "assert r.items.shape == (1, 3)\n"

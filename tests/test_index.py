@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deftrec.index import (IndexConfig, build_index, describe, exact_topk, load_index, recall_at_k, save_index,
-                           search)
+from deftrec.config.jobs import IndexConfig
+from deftrec.retrieval.index import build_index, describe, exact_topk, load_index, recall_at_k, save_index, search
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deftrec.model.lightgcn import (
-    LightGCN,
-    LightGCNConfig,
-    _InteractionSet,
-    build_norm_adj,
-    epoch_shard,
-    hit_rate_at_k,
-    sample_negatives,
-    train_lightgcn,
-)
+from deftrec.model.lightgcn import LightGCN, _InteractionSet, build_norm_adj, epoch_shard, hit_rate_at_k, sample_negatives, train_lightgcn
+from deftrec.config.components import LightGCNConfig
 
 torch.set_num_threads(1)
 

@@ -11,18 +11,11 @@ import pytest
 import torch
 
 from deftrec.model import llm as llm_mod
-from deftrec.model.llm import (
-    MANIFEST_NAME,
-    LLMConfig,
-    add_placeholder_tokens,
-    apply_lora,
-    build_llm,
-    default_cache_dir,
-    load_llm,
-    lora_target_modules,
-    materialize_cache_dir,
-)
-from deftrec.model.prompts import PromptConfig, build_generation_batch, build_inputs_embeds, build_training_batch
+from deftrec.core.cache import MANIFEST_NAME, materialize_cache_dir
+from deftrec.config.components import LLMConfig, default_cache_dir
+from deftrec.model.llm import add_placeholder_tokens, apply_lora, build_llm, load_llm, lora_target_modules
+from deftrec.config.components import PromptConfig
+from deftrec.model.prompts import build_generation_batch, build_inputs_embeds, build_training_batch
 
 torch.set_num_threads(1)
 

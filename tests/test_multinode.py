@@ -26,12 +26,15 @@ def _cluster_main(work: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from deftrec.collab import save_collab
+    from deftrec.artifacts.collab import save_collab
     from deftrec.data.samples import load_dataset
-    from deftrec.distributed import DistributedConfig, read_trainer_state, train_distributed
-    from deftrec.pipeline import load_pipeline_config, run_pipeline
-    from deftrec.ray_utils import configure_data_context
-    from deftrec.train_local import fit_collab
+    from deftrec.config.training import DistributedConfig
+    from deftrec.training.checkpoint import read_trainer_state
+    from deftrec.training.driver import train_distributed
+    from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.end_to_end import run_pipeline
+    from deftrec.core.cluster import configure_data_context
+    from deftrec.training.local import fit_collab
 
     work_dir = Path(work)
     events = str(work_dir / "events.txt")

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deftrec.config_utils import from_dict
-from deftrec.data.config import PreprocessConfig
+from deftrec.core.config import from_dict
+from deftrec.config.data import PreprocessConfig
 from deftrec.data.preprocess import build_splits, run_preprocess, sort_key_ids
-from deftrec.data.readers import InputError, hash_strings
+from deftrec.data.readers import hash_strings
 from deftrec.data.reference import reference_preprocess
-from deftrec.io import read_manifest, verify_outputs
+from deftrec.core.artifacts import read_manifest, verify_outputs
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -75,7 +75,8 @@ def test_hash_is_deterministic_and_spreads():
 
 
 def test_synth_is_deterministic_and_streams(tmp_path):
-    from deftrec.data.synth import SynthConfig, generate
+    from deftrec.config.data import SynthConfig
+    from deftrec.data.synth import generate
 
     a = generate(SynthConfig(users=50, items=60, seed=3, chunk_users=20), tmp_path / "a", log=lambda s: None)
     b = generate(SynthConfig(users=50, items=60, seed=3, chunk_users=20), tmp_path / "b", log=lambda s: None)

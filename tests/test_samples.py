@@ -10,14 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from deftrec.data.preprocess import build_splits
-from deftrec.data.samples import (
-    Catalog,
-    Ragged,
-    build_training_samples,
-    load_dataset,
-    training_pairs,
-)
-from deftrec.io import ArtifactError, finish_manifest
+from deftrec.data.samples import Catalog, Ragged, build_training_samples, load_dataset, training_pairs
+from deftrec.core.artifacts import ArtifactError, finish_manifest
 
 # Full chronological sequences (user -> items). Test target s[-1], valid s[-2], training part s[:-2].
 SEQS = {
@@ -162,7 +156,7 @@ def test_catalog_with_gaps_keeps_lookup_by_index(tmp_path):
 
 def test_real_preprocess_output_invariants(ray_session, synth_small, tmp_path):
     """On the preprocess stage's own output: samples never see valid/test targets."""
-    from deftrec.data.config import PreprocessConfig
+    from deftrec.config.data import PreprocessConfig
     from deftrec.data.preprocess import run_preprocess
 
     out = tmp_path / "pp"

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deftrec.model.tokenizer import ContinuousTokenizer, ContinuousTokenizerConfig
+from deftrec.model.tokenizer import ContinuousTokenizer
+from deftrec.config.components import ContinuousTokenizerConfig
 
 torch.set_num_threads(1)
 

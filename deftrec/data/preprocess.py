@@ -19,7 +19,6 @@ Everything is written into a temporary sibling directory that is renamed into pl
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -32,11 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from deftrec.config_utils import to_dict
+from deftrec.core.config import to_dict
 from deftrec.data import readers
-from deftrec.data.config import PreprocessConfig
+from deftrec.config.data import PreprocessConfig
 from deftrec.data.readers import InputError
-from deftrec.io import atomic_directory, finish_manifest, sha256_file, write_json_atomic
+from deftrec.core.artifacts import atomic_directory, finish_manifest, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 SPLIT_SCHEMA = pa.schema([("user", pa.int64()), ("history", pa.list_(pa.int32())), ("target", pa.int64())])
@@ -294,7 +293,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] = print) ->
     """Run the whole preprocessing job; returns the manifest. Raises InputError on bad input."""
     import ray
 
-    from deftrec.ray_utils import ensure_ray
+    from deftrec.core.cluster import ensure_ray
 
     ensure_ray()
     t_all = time.time()

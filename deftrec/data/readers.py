@@ -18,7 +18,6 @@ import dataclasses
 import io
 import json
 import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -26,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from deftrec.data.config import PreprocessConfig
+from deftrec.config.data import PreprocessConfig
 
 ORD_SHIFT = 40  # _ord = file_idx << 40 | line: 1e12 lines per file, 8M files
 
@@ -667,7 +666,7 @@ def read_deftrec_folder(folder: str, num_buckets: int):
     for col in ("org_id", "remap_id", "title", "category"):
         if col not in header:
             raise InputError(f"{paths['item_list.txt']}: line 1 (header): no column {col!r}; header is {header}")
-    from deftrec.data.config import CatalogColumnsConfig
+    from deftrec.config.data import CatalogColumnsConfig
     cat = _catalog_from_rows(paths["item_list.txt"], header, rows, numbers,
                              CatalogColumnsConfig(item="remap_id", title="title", category="category"), True)
     org = {r[header.index("remap_id")].strip(): r[header.index("org_id")] for r in rows

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from deftrec.data.config import PreprocessConfig
+from deftrec.config.data import PreprocessConfig
 from deftrec.data.preprocess import build_splits, sort_key_ids
 
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from deftrec.io import ArtifactError, read_manifest
+from deftrec.core.artifacts import ArtifactError, read_manifest
 
 __all__ = [
     "Catalog",

@@ -25,12 +25,13 @@ at t = 0. Classifier-free guidance: ``eps = (1 + w) f(x_t, c) - w f(x_t, null)``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from deftrec.config.components import DiffusionConfig
+from deftrec.config.components import _SAMPLERS
 
 __all__ = [
     "DiffusionConfig",
@@ -40,79 +41,6 @@ __all__ = [
     "ddim_timesteps",
     "timestep_embedding",
 ]
-
-_SAMPLERS = ("ddpm", "ddim")
-
-
-@dataclass
-class DiffusionConfig:
-    """Hyper-parameters of the diffusion head (defaults: the authors' GPU setup).
-
-    Attributes:
-        d_c: dimension of the retrieval space (item embeddings, x0).
-        cond_dim: dimension of the condition vector c (the LLM hidden size).
-        T: number of diffusion steps of the training schedule.
-        beta_start, beta_end: endpoints of the linear beta schedule, 0 < start <= end < 1.
-        hidden: width of the denoiser's residual MLP.
-        n_blocks: number of residual MLP blocks.
-        dropout: dropout inside the residual blocks.
-        time_dim: size of the sinusoidal timestep embedding (even).
-        n_neg: items averaged into one negative x0- per sample.
-        lambda_neg: weight of the negative (ranking) term.
-        cond_dropout: probability, per training sample, of replacing c by the learned null
-            condition (classifier-free guidance training; 0 disables it).
-        guidance_w: default CFG weight w at sampling; 0 = plain conditional sampling. A
-            w > 0 only makes sense when the null condition was trained (cond_dropout > 0).
-        sampler: default reverse sampler, "ddpm" (all T steps) or "ddim".
-        ddim_steps: default number S of DDIM steps, 1 <= S <= T.
-        ddim_eta: DDIM stochasticity; 0 = deterministic DDIM, 1 = DDPM-like variance.
-    """
-
-    d_c: int
-    cond_dim: int
-    T: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    hidden: int = 512
-    n_blocks: int = 2
-    dropout: float = 0.2
-    time_dim: int = 128
-    n_neg: int = 10
-    lambda_neg: float = 0.5
-    cond_dropout: float = 0.0
-    guidance_w: float = 0.0
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    ddim_steps: int = 50
-    ddim_eta: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("d_c", "cond_dim", "T", "hidden", "time_dim", "n_neg", "ddim_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"DiffusionConfig.{name} must be a positive int, got {v!r}")
-        if isinstance(self.n_blocks, bool) or not isinstance(self.n_blocks, int) or self.n_blocks < 0:
-            raise ValueError(f"DiffusionConfig.n_blocks must be an int >= 0, got {self.n_blocks!r}")
-        if self.time_dim % 2:
-            raise ValueError(f"DiffusionConfig.time_dim must be even (sin/cos halves), got {self.time_dim}")
-        if not (0.0 < self.beta_start <= self.beta_end < 1.0):
-            raise ValueError(
-                "DiffusionConfig betas must satisfy 0 < beta_start <= beta_end < 1, "
-                f"got beta_start={self.beta_start}, beta_end={self.beta_end}"
-            )
-        if not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"DiffusionConfig.dropout must be in [0, 1), got {self.dropout}")
-        if not (0.0 <= self.cond_dropout <= 1.0):
-            raise ValueError(f"DiffusionConfig.cond_dropout must be in [0, 1], got {self.cond_dropout}")
-        if not (math.isfinite(self.lambda_neg) and self.lambda_neg >= 0.0):
-            raise ValueError(f"DiffusionConfig.lambda_neg must be finite and >= 0, got {self.lambda_neg}")
-        if not (math.isfinite(self.guidance_w) and self.guidance_w >= 0.0):
-            raise ValueError(f"DiffusionConfig.guidance_w must be finite and >= 0, got {self.guidance_w}")
-        if self.sampler not in _SAMPLERS:
-            raise ValueError(f"DiffusionConfig.sampler must be one of {_SAMPLERS}, got {self.sampler!r}")
-        if self.ddim_steps > self.T:
-            raise ValueError(f"DiffusionConfig.ddim_steps ({self.ddim_steps}) must be <= T ({self.T})")
-        if not (math.isfinite(self.ddim_eta) and self.ddim_eta >= 0.0):
-            raise ValueError(f"DiffusionConfig.ddim_eta must be finite and >= 0, got {self.ddim_eta}")
 
 
 # ----------------------------------------------------------------------------- helpers

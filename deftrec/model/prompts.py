@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from transformers import PreTrainedTokenizerBase
+from deftrec.config.components import PromptConfig
 
 __all__ = [
     "DATASET_DOMAINS",
@@ -93,37 +94,6 @@ def domain_for_dataset(name: str) -> str:
 def template_for(domain: str) -> DomainTemplate:
     """The domain's template, or a generic one that names ``domain`` verbatim."""
     return DOMAIN_TEMPLATES.get(domain) or DomainTemplate(role=f"You are a {domain} recommender.", noun=domain)
-
-
-@dataclass
-class PromptConfig:
-    """How prompts are rendered.
-
-    ``K``: continuous tokens per item (tokenizer branches); with ``combine_sum`` the branches are summed into
-    one token, so each item gets a single placeholder ``<collab_0>``. ``user_tokens`` adds a user slot.
-    """
-
-    domain: str = "product"
-    K: int = 2
-    max_title_chars: int = 40
-    max_history: int = 20
-    user_tokens: bool = False
-    combine_sum: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.domain, str) or not self.domain.strip():
-            raise ValueError("PromptConfig.domain must be a non-empty string, e.g. 'music'")
-        if self.K < 1:
-            raise ValueError(f"PromptConfig.K must be >= 1, got {self.K}")
-        if self.max_title_chars < 1:
-            raise ValueError(f"PromptConfig.max_title_chars must be >= 1, got {self.max_title_chars}")
-        if self.max_history < 1:
-            raise ValueError(f"PromptConfig.max_history must be >= 1, got {self.max_history}")
-
-    @property
-    def slots(self) -> int:
-        """Placeholders per entity: K, or 1 with ``combine_sum``."""
-        return 1 if self.combine_sum else self.K
 
 
 # ------------------------------------------------------------------------------------------------ rendering

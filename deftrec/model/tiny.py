@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from deftrec.model.llm import MANIFEST_NAME, materialize_cache_dir
+from deftrec.core.cache import MANIFEST_NAME, materialize_cache_dir
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from deftrec.model.llm import LLMConfig
+    from deftrec.config.components import LLMConfig
 
 __all__ = ["TINY_SPECIAL_TOKENS", "build_tiny_llm", "build_tiny_tokenizer", "tiny_corpus", "train_tiny_tokenizer"]
 

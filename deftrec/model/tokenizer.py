@@ -16,38 +16,12 @@ branch outputs are added into a single token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+from deftrec.config.components import ContinuousTokenizerConfig
 
 __all__ = ["ContinuousTokenizerConfig", "ContinuousTokenizer"]
-
-_COMBINE = ("none", "sum")
-
-
-@dataclass
-class ContinuousTokenizerConfig:
-    d_c: int  # collaborative embedding size (LightGCN dim)
-    d_llm: int  # LLM hidden size (token embedding width)
-    K: int = 2  # continuous tokens (parallel branches) per entity
-    mask_ratio: float = 0.1  # per-feature zeroing probability in training mode
-    combine: str = "none"  # "none": K tokens; "sum": one token = sum of the K branch outputs
-    hidden: int | None = None  # residual MLP hidden size; None -> d_c
-
-    def __post_init__(self) -> None:
-        for name in ("d_c", "d_llm", "K"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ContinuousTokenizerConfig.{name} must be a positive int, got {v!r}")
-        if self.hidden is None:
-            self.hidden = self.d_c
-        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
-            raise ValueError(f"ContinuousTokenizerConfig.hidden must be a positive int or None, got {self.hidden!r}")
-        if not isinstance(self.mask_ratio, (int, float)) or not (0.0 <= self.mask_ratio < 1.0):
-            raise ValueError(f"ContinuousTokenizerConfig.mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
-        if self.combine not in _COMBINE:
-            raise ValueError(f"ContinuousTokenizerConfig.combine must be one of {_COMBINE}, got {self.combine!r}")
 
 
 def _linear_init(weight: torch.Tensor, bias: torch.Tensor, fan_in: int) -> None:

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from deftrec.index import IndexConfig, load_index, search
-from deftrec.io import ArtifactError, is_complete, read_manifest
+from deftrec.config.jobs import IndexConfig
+from deftrec.retrieval.index import load_index, search
+from deftrec.core.artifacts import ArtifactError, is_complete, read_manifest
 
 
 class UnknownId(KeyError):
@@ -104,7 +105,7 @@ def history_key(history: np.ndarray, offset: int) -> int:
 
 
 def _default_loader(model_dir: str):
-    from deftrec.export import load_model
+    from deftrec.artifacts.model import load_model
 
     return load_model(model_dir)
 
@@ -114,8 +115,8 @@ class RecommenderEngine:
 
     def __init__(self, model_dir: str | Path, index_dir: str | Path, loader: Optional[Callable] = None,
                  ddim_steps: Optional[int] = None):
-        from deftrec.evaluation import model_version
-        from deftrec.model.deftrec import DeftRecRecommender
+        from deftrec.core.artifacts import model_version
+        from deftrec.retrieval.recommender import DeftRecRecommender
 
         for d, what in ((model_dir, "model export"), (index_dir, "index")):
             if not is_complete(d):

@@ -13,34 +13,14 @@ indices of ``items.parquet``.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from deftrec.config.jobs import IndexConfig
 
 INDEX_FILE = "items.faiss"
-
-
-@dataclasses.dataclass
-class IndexConfig:
-    factory: str = "Flat"
-    metric: str = "l2"  # "l2" (DeftRec's -||x - E_i||^2) | "ip"
-    ef_search: int = 128  # HNSW
-    nprobe: int = 16  # IVF
-    train_sample: int = 100_000  # IVF/PQ training sample size
-    recall_queries: int = 1000  # queries for recall@10 against exact search in the manifest
-    seed: int = 42
-
-    def __post_init__(self):
-        if self.metric not in ("l2", "ip"):
-            raise ValueError(f"metric must be 'l2' or 'ip', got {self.metric!r}")
-        if not self.factory.strip():
-            raise ValueError("factory must be a FAISS factory string such as 'Flat' or 'HNSW32,Flat'")
-        for name in ("ef_search", "nprobe", "train_sample", "recall_queries"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
 
 
 def _faiss():

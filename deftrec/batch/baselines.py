@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from deftrec.metrics import _flatten_histories, evaluate_in_chunks
+from deftrec.retrieval.metrics import _flatten_histories, evaluate_in_chunks
 
 __all__ = [
     "Baseline",

@@ -28,16 +28,17 @@ sections; :func:`load_deftrec_config` reads one (with ``a.b=value`` overrides).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from deftrec.model.diffusion import DiffusionConfig
-from deftrec.model.lightgcn import LightGCNConfig
-from deftrec.model.llm import LLMConfig
-from deftrec.model.prompts import PromptConfig
-from deftrec.model.tokenizer import ContinuousTokenizerConfig
+from deftrec.config.components import DiffusionConfig
+from deftrec.config.components import LightGCNConfig
+from deftrec.config.components import LLMConfig
+from deftrec.config.components import PromptConfig
+from deftrec.config.components import ContinuousTokenizerConfig
+from deftrec.config.training import TrainConfig
+from deftrec.core.config import _nonneg_float
+from deftrec.core.config import _pos_int
 
 __all__ = [
     "CONDITIONS",
@@ -54,22 +55,6 @@ __all__ = [
 CONDITIONS = ("prompt_state", "response_embeddings", "hidden_states")
 #: Conditions computed from generated reasoning text at inference.
 GENERATIVE_CONDITIONS = ("response_embeddings", "hidden_states")
-
-
-def _pos_int(owner: str, name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}.{name} must be a positive int{' or null' if allow_none else ''}, got {value!r}")
-
-
-def _nonneg_float(owner: str, name: str, value, upper: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    if ok and upper is not None:
-        ok = value < upper
-    if not ok:
-        rng = f"[0, {upper})" if upper is not None else ">= 0 and finite"
-        raise ValueError(f"{owner}.{name} must be a number in {rng}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -137,63 +122,6 @@ class DiffusionSettings:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("x0_norm", "batch_mul")}
         return DiffusionConfig(d_c=d_c, cond_dim=cond_dim, sampler=sampler, ddim_steps=ddim_steps,
                                ddim_eta=ddim_eta, guidance_w=guidance_w, **fields)
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation of DeftRec (the LightGCN stage has its own settings in ``collab``).
-
-    Loss: L = lambda_lm * L_lm + L_pos + diffusion.lambda_neg * L_neg. Optimiser: AdamW with two
-    parameter groups (LLM at ``llm_lr``; tokenizers and diffusion head at ``lr``), linear warm-up
-    over ``warmup_steps`` then cosine decay to ``min_lr_ratio`` x peak at the last step. One
-    optimiser step = ``grad_accum`` micro-batches of ``batch_size`` samples.
-    """
-
-    lr: float = 1e-3  # tokenizers + diffusion head
-    llm_lr: float = 1e-3  # LLM parameters (LoRA adapters or all weights); authors: 1e-3 for all
-    weight_decay: float = 1e-5
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
-    epochs: int = 10
-    max_steps: int | None = None  # cap on optimiser steps (whichever comes first with epochs)
-    batch_size: int = 9  # micro-batch size (authors: 9)
-    grad_accum: int = 1
-    grad_clip: float | None = 1.0  # max global grad norm; null disables clipping
-    lambda_lm: float = 0.1
-    min_history: int = 3  # shortest prefix that becomes a training sample
-    max_samples_per_user: int = 20  # newest prefixes first
-    seed: int = 42
-    validate_every: int | None = None  # optimiser steps between validations; null: every epoch end
-    valid_users: int | None = 1000  # validation subset size (fixed, seeded); null: all users
-    patience: int | None = None  # validations without NDCG@10 gain before stopping; null: never
-    log_every: int = 50  # optimiser steps between progress lines
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "llm_lr", "weight_decay", "lambda_lm"):
-            _nonneg_float("train", name, getattr(self, name))
-        if self.lr == 0:
-            raise ValueError("train.lr must be > 0 (the tokenizers and the diffusion head are always trained)")
-        _nonneg_float("train", "min_lr_ratio", self.min_lr_ratio)
-        if self.min_lr_ratio > 1:
-            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("epochs", "batch_size", "grad_accum", "min_history", "max_samples_per_user", "log_every"):
-            _pos_int("train", name, getattr(self, name))
-        for name in ("max_steps", "validate_every", "valid_users", "patience"):
-            _pos_int("train", name, getattr(self, name), allow_none=True)
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"train.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
-            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be < train.max_steps "
-                             f"({self.max_steps}): the learning rate would never reach its peak")
-        if self.grad_clip is not None:
-            _nonneg_float("train", "grad_clip", self.grad_clip)
-            if self.grad_clip == 0:
-                raise ValueError("train.grad_clip must be > 0 or null (disabled)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"train.seed must be an int >= 0, got {self.seed!r}")
-        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
 
 @dataclass
@@ -317,14 +245,4 @@ class DeftRecConfig:
         return self.diffusion.build(d_c=self.d_c, cond_dim=self._require_d_llm(), sampler=e.sampler,
                                     ddim_steps=steps, ddim_eta=e.eta, guidance_w=e.guidance_w)
 
-
-def load_deftrec_config(path: str | Path | None, overrides: list[str] | None = None) -> DeftRecConfig:
-    """Read a preset (``pipelines/configs/*.yaml``) through the pipeline loader and return its model part.
-
-    ``overrides`` are ``a.b=value`` strings, e.g. ``["train.max_steps=100", "condition=hidden_states"]``.
-    Raises :class:`~deftrec.config_utils.ConfigError` naming the offending field.
-    """
-    from deftrec.pipeline import load_pipeline_config
-
-    return load_pipeline_config(path, overrides).deftrec_config()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+import math
 
 T = TypeVar("T")
 
@@ -182,3 +183,19 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+def _pos_int(owner: str, name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name} must be a positive int{' or null' if allow_none else ''}, got {value!r}")
+
+
+def _nonneg_float(owner: str, name: str, value, upper: float | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if ok and upper is not None:
+        ok = value < upper
+    if not ok:
+        rng = f"[0, {upper})" if upper is not None else ">= 0 and finite"
+        raise ValueError(f"{owner}.{name} must be a number in {rng}, got {value!r}")

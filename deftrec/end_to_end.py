@@ -7,86 +7,16 @@ at the first incomplete stage.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable
 
-from deftrec.config import DeftRecConfig, DiffusionSettings, EvalConfig, TokenizerSettings, TrainConfig
-from deftrec.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from deftrec.data.config import PreprocessConfig
-from deftrec.data.synth import SynthConfig
-from deftrec.distributed import DistributedConfig
-from deftrec.evaluation import EvalJobConfig
-from deftrec.index import IndexConfig
-from deftrec.io import is_complete, read_manifest
-from deftrec.model.lightgcn import LightGCNConfig
-from deftrec.model.llm import LLMConfig
-from deftrec.model.prompts import PromptConfig
-
-
-STAGES = ("synth", "preprocess", "collab", "train", "index", "evaluate")
-
-
-@dataclasses.dataclass
-class DataConfig:
-    """Where the interactions come from: a synthetic log (``synth``) or files (``preprocess.input``)."""
-
-    synth: Optional[SynthConfig] = None
-    preprocess: dict = dataclasses.field(default_factory=dict)  # PreprocessConfig fields; input/output filled in
-
-    def __post_init__(self):
-        if self.synth is None and not self.preprocess.get("input"):
-            raise ConfigError("data: give either data.synth (synthetic log) or data.preprocess.input (files)")
-
-
-@dataclasses.dataclass
-class PipelineConfig:
-    name: str = "deftrec"
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(synth=SynthConfig()))
-    stages: list[str] = dataclasses.field(default_factory=lambda: ["synth", "preprocess"])
-    # Model sections: the fields of deftrec.config.DeftRecConfig, flat at the top level of a preset.
-    collab: LightGCNConfig = dataclasses.field(default_factory=LightGCNConfig)
-    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
-    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
-    tokenizer: TokenizerSettings = dataclasses.field(default_factory=TokenizerSettings)
-    diffusion: DiffusionSettings = dataclasses.field(default_factory=DiffusionSettings)
-    condition: Literal["prompt_state", "response_embeddings", "hidden_states"] = "prompt_state"
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    # Ray Train / DeepSpeed settings of the collab and train jobs (not part of the model config).
-    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
-    index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
-    evaluate: EvalJobConfig = dataclasses.field(default_factory=EvalJobConfig)
-
-    def __post_init__(self):
-        known = STAGES
-        bad = [s for s in self.stages if s not in known]
-        if bad:
-            raise ConfigError(f"stages: unknown stage(s) {bad}; available: {list(known)}")
-        if "synth" in self.stages and self.data.synth is None:
-            raise ConfigError("stages includes 'synth' but data.synth is not set")
-        self.deftrec_config()  # cross-section checks fail at load time, not at the training stage
-
-    def deftrec_config(self) -> DeftRecConfig:
-        """The model sections composed (and cross-validated) into a DeftRecConfig."""
-        names = [f.name for f in dataclasses.fields(DeftRecConfig) if f.name != "d_llm"]
-        try:
-            return DeftRecConfig(**{n: getattr(self, n) for n in names})
-        except ValueError as e:
-            raise ConfigError(f"config: {e}") from e
-
-
-def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
-    data = load_yaml(path) if path else {}
-    data = apply_overrides(data, overrides or [])
-    return from_dict(PipelineConfig, data, "config")
-
-
-def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+from deftrec.core.config import from_dict, to_dict
+from deftrec.config.data import PreprocessConfig
+from deftrec.core.artifacts import is_complete, read_manifest
+from deftrec.config.pipeline import PipelineConfig
+from deftrec.core.artifacts import fingerprint
 
 
 def _stage(name: str, out: Path, fp: str, build: Callable[[], dict], log) -> tuple[dict, bool, float]:
@@ -103,7 +33,7 @@ def _stage(name: str, out: Path, fp: str, build: Callable[[], dict], log) -> tup
 
 
 def _set_fingerprint(directory: Path, fp: str) -> dict:
-    from deftrec.io import write_json_atomic
+    from deftrec.core.artifacts import write_json_atomic
 
     m = read_manifest(directory)
     m["fingerprint"] = fp
@@ -162,26 +92,26 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path, log: Callable[[str], 
                           lambda: run_preprocess(pp_cfg, log=log))
             summary["stages"]["preprocess"]["counts"] = m["counts"]
         elif name == "collab":
-            from deftrec.collab import train_collab_distributed
+            from deftrec.training.collab_job import train_collab_distributed
 
             run_stage("collab", {"collab": to_dict(model_cfg.collab), "data": _artifact_id(dirs["preprocess"]),
                                  "workers": cfg.distributed.num_workers},
                       lambda: train_collab_distributed(model_cfg.collab, dirs["preprocess"], dirs["collab"],
                                                        cfg.distributed, run_name=f"{cfg.name}-collab", log=log))
         elif name == "train":
-            from deftrec.distributed import train_distributed
+            from deftrec.training.driver import train_distributed
 
             run_stage("train", {"model": to_dict(model_cfg), "distributed": to_dict(cfg.distributed),
                                 "data": _artifact_id(dirs["preprocess"]), "collab": _artifact_id(dirs["collab"])},
                       lambda: train_distributed(model_cfg, cfg.distributed, run_dir, run_name=cfg.name,
                                                 data_dir=dirs["preprocess"], collab_dir=dirs["collab"], log=log))
         elif name == "index":
-            from deftrec.evaluation import run_index_job
+            from deftrec.batch.index_job import run_index_job
 
             run_stage("index", {"index": to_dict(cfg.index), "model": _artifact_id(dirs["train"])},
                       lambda: run_index_job(run_dir, cfg.index, force=True, log=log))
         elif name == "evaluate":
-            from deftrec.evaluation import run_evaluation
+            from deftrec.batch.evaluate import run_evaluation
 
             run_stage("evaluate", {"evaluate": to_dict(cfg.evaluate), "model": _artifact_id(dirs["train"]),
                                    "index": _artifact_id(dirs["index"])},

@@ -28,11 +28,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from deftrec.config import DeftRecConfig
-from deftrec.config_utils import from_dict, to_dict
-from deftrec.io import ArtifactError, atomic_directory, finish_manifest, read_manifest, require_files, verify_outputs
+from deftrec.config.model import DeftRecConfig
+from deftrec.core.config import from_dict, to_dict
+from deftrec.core.artifacts import ArtifactError, atomic_directory, finish_manifest, read_manifest, require_files, verify_outputs
 
 if TYPE_CHECKING:
+    from deftrec.data.samples import Catalog
+    from deftrec.model.deftrec import DeftRec
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+
     from deftrec.data.samples import Catalog
     from deftrec.model.deftrec import DeftRec
 
@@ -40,6 +45,9 @@ __all__ = ["EXPORT_FORMAT", "export_checkpoint", "export_model", "load_model"]
 
 #: Bumped when the layout changes; load_model refuses other versions.
 EXPORT_FORMAT = 1
+#: Files of a training checkpoint that the export reads (deftrec.training.checkpoint writes them).
+STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "model.safetensors"
 _FILES = ("tokenizers.safetensors", "diffusion_head.safetensors", "collab.safetensors", "catalog.parquet",
           "placeholders.json", "config.json")
 
@@ -113,7 +121,6 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: 
     """
     from safetensors.torch import load_file
 
-    from deftrec.distributed import STATE_FILE, WEIGHTS_FILE, load_consolidated
     from deftrec.model.deftrec import DeftRec
 
     ckpt = Path(checkpoint_dir)
@@ -195,3 +202,47 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
         if model.user_scale is not None and "user_scale" in collab:
             model.user_scale.copy_(collab["user_scale"])
     return model.to(torch.device(device)).eval()
+
+
+_ROWS_PREFIX = "_added_rows."
+
+
+_BUFFERS = ("item_emb", "x0_scale", "user_emb", "user_scale")
+
+
+def _frozen_embedding_weights(model: DeftRec) -> dict[str, torch.nn.Parameter]:
+    """Frozen input/output embedding matrices: their placeholder rows are randomly initialised
+    (mean resizing) and are not reproducible from the base model, so checkpoints carry them."""
+    out = {}
+    for kind, module in (("input", model.llm.get_input_embeddings()), ("output", model.llm.get_output_embeddings())):
+        if module is not None and not module.weight.requires_grad:
+            out[kind] = module.weight
+    return out
+
+
+def load_consolidated(model: DeftRec, weights: dict[str, torch.Tensor], trainable: bool = True) -> None:
+    """Load :func:`consolidated_state` output into a (not yet DeepSpeed-wrapped) model.
+
+    Always restores the placeholder rows of frozen embeddings; ``trainable=False`` skips the
+    trainable weights (when DeepSpeed's own checkpoint restores them). Raises on unknown names.
+    """
+    ids = weights.get(f"{_ROWS_PREFIX}ids")
+    frozen = _frozen_embedding_weights(model)
+    with torch.no_grad():
+        for kind, w in frozen.items():
+            rows = weights.get(f"{_ROWS_PREFIX}{kind}")
+            if rows is not None and ids is not None:
+                w[ids.to(w.device)] = rows.to(device=w.device, dtype=w.dtype)
+    if not trainable:
+        return
+    state = {k: v for k, v in weights.items() if not k.startswith(_ROWS_PREFIX) and k not in _BUFFERS}
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ValueError(f"checkpoint weights do not match the model: unknown {unknown[:5]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            p = params[k]
+            if p.shape != v.shape:
+                raise ValueError(f"checkpoint weight {k} has shape {tuple(v.shape)}, the model {tuple(p.shape)}")
+            p.copy_(v.to(device=p.device, dtype=p.dtype))

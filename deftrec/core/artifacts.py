@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+
+
 MANIFEST = "manifest.json"
 
 
@@ -145,3 +147,17 @@ def verify_outputs(directory: str | os.PathLike) -> None:
             raise ArtifactError(f"{directory}: output {rel} listed in the manifest is missing")
         if sha256_file(p) != meta["sha256"]:
             raise ArtifactError(f"{directory}: output {rel} does not match its manifest checksum")
+
+
+def model_version(model_dir: str | Path) -> str:
+    """The export's version string (from its manifest): what index and serving pin themselves to."""
+    m = read_manifest(model_dir)
+    if m.get("version"):
+        return str(m["version"])
+    pass  # (import moved into this module)
+
+    return fingerprint(m.get("outputs", {}))
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,108 +1,21 @@
-"""The collaborative-embedding artifact (method.md section 1) and the LightGCN Ray Train job.
-
-Artifact layout (``RUN_DIR/collab``), written atomically with :func:`deftrec.io.atomic_directory`
-and a manifest written last, so an interrupted job never leaves a directory that looks finished::
-
-    user_emb.npy      U [n_users, d_c] float32
-    item_emb.npy      E [n_items, d_c] float32 (DeftRec's diffusion target and retrieval space)
-    config.json       the LightGCNConfig used
-    history.json      one record per epoch: loss, and HR@10 on evaluated epochs
-    manifest.json     status, fingerprint (config + data), shapes, best HR@10, checksums
-
-The job (:func:`train_collab_distributed`) runs :func:`deftrec.model.lightgcn.train_lightgcn` in
-every worker of a TorchTrainer: the process group Ray Train sets up makes it wrap the objective
-in DDP and shard the (user, item) pairs by rank. Rank 0 hands the embeddings back through a Ray
-Train checkpoint; the driver writes the artifact.
-"""
+"""deftrec.training.collab_job."""
 
 from __future__ import annotations
-
 import dataclasses
-import hashlib
 import json
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
 import numpy as np
-
-from deftrec.config_utils import from_dict, to_dict
-from deftrec.io import ArtifactError, atomic_directory, finish_manifest, read_manifest
-from deftrec.model.lightgcn import LightGCNConfig
-
+from deftrec.config.components import LightGCNConfig
 if TYPE_CHECKING:
-    from deftrec.distributed import DistributedConfig
-
-__all__ = ["CollabArtifact", "collab_fingerprint", "load_collab", "save_collab", "train_collab_distributed"]
-
-Log = Callable[[str], None]
-_FILES = ("user_emb.npy", "item_emb.npy", "config.json", "history.json")
-
-
-@dataclass(frozen=True, eq=False)
-class CollabArtifact:
-    """A loaded collaborative-embedding artifact."""
-
-    user_emb: np.ndarray  # U [n_users, d_c]
-    item_emb: np.ndarray  # E [n_items, d_c]
-    config: LightGCNConfig
-    history: list[dict]
-    manifest: dict
-
-    @property
-    def best_hr10(self) -> float | None:
-        hrs = [h["hr@10"] for h in self.history if "hr@10" in h]
-        return max(hrs) if hrs else None
-
-
-def collab_fingerprint(cfg: LightGCNConfig, data_dir: str | Path) -> str:
-    """Hash of the LightGCN config (device excluded) and the preprocessed data's identity."""
-    m = read_manifest(data_dir)
-    data_id = m.get("fingerprint") or {k: v.get("sha256") for k, v in m.get("outputs", {}).items()}
-    c = to_dict(cfg)
-    c.pop("device", None)
-    return hashlib.sha256(json.dumps({"config": c, "data": data_id}, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def save_collab(out_dir: str | Path, user_emb: np.ndarray, item_emb: np.ndarray, cfg: LightGCNConfig,
-                history: list[dict], extra: dict[str, Any] | None = None, overwrite: bool = True) -> dict:
-    """Write the artifact atomically; returns the manifest."""
-    U = np.ascontiguousarray(user_emb, dtype=np.float32)
-    E = np.ascontiguousarray(item_emb, dtype=np.float32)
-    if U.ndim != 2 or E.ndim != 2 or U.shape[1] != E.shape[1]:
-        raise ValueError(f"need U [n_users, d] and E [n_items, d], got {U.shape} and {E.shape}")
-    if U.shape[1] != cfg.dim:
-        raise ValueError(f"embeddings have d={U.shape[1]}, the config dim={cfg.dim}")
-    if not (np.isfinite(U).all() and np.isfinite(E).all()):
-        raise ValueError("embeddings contain non-finite values")
-    hrs = [h["hr@10"] for h in history if "hr@10" in h]
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        np.save(tmp / "user_emb.npy", U)
-        np.save(tmp / "item_emb.npy", E)
-        (tmp / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        (tmp / "history.json").write_text(json.dumps(history, indent=2))
-        manifest = finish_manifest(tmp, {"artifact": "collab", "n_users": U.shape[0], "n_items": E.shape[0],
-                                         "dim": U.shape[1], "epochs_run": len(history),
-                                         "best_hr@10": max(hrs) if hrs else None, **(extra or {})})
-    return manifest
-
-
-def load_collab(path: str | Path) -> CollabArtifact:
-    """Load a finished artifact; raises ArtifactError if it is missing, unfinished or inconsistent."""
-    root = Path(path)
-    manifest = read_manifest(root, files=_FILES)  # raises unless complete with every file
-    U = np.load(root / "user_emb.npy")
-    E = np.load(root / "item_emb.npy")
-    if U.shape != (manifest["n_users"], manifest["dim"]) or E.shape != (manifest["n_items"], manifest["dim"]):
-        raise ArtifactError(f"{root}: embedding shapes {U.shape}, {E.shape} disagree with the manifest")
-    cfg = from_dict(LightGCNConfig, json.loads((root / "config.json").read_text()), "collab")
-    history = json.loads((root / "history.json").read_text())
-    return CollabArtifact(U, E, cfg, history, manifest)
-
-
-# --------------------------------------------------------------------------------------------- Ray job
+    from deftrec.config.training import DistributedConfig
+from deftrec.artifacts.collab import CollabArtifact
+from deftrec.artifacts.collab import collab_fingerprint
+from deftrec.artifacts.collab import load_collab
+from deftrec.artifacts.collab import save_collab
+from deftrec.core.log import Log
 
 
 @dataclass
@@ -133,7 +46,7 @@ def _collab_worker(config: dict) -> None:
     cfg = ctx.cfg
     if ctx.use_gpu:
         cfg = dataclasses.replace(cfg, device=str(ray.train.torch.get_device()))
-    from deftrec.distributed import _stdout_line
+    from deftrec.core.log import _stdout_line
 
     U, E, history = train_lightgcn(ctx.users, ctx.items, ctx.n_users, ctx.n_items, cfg, valid=ctx.valid,
                                    log=_stdout_line if rank == 0 else None)
@@ -172,8 +85,8 @@ def train_collab_distributed(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from deftrec.data.samples import load_dataset, training_pairs
-    from deftrec.distributed import DistributedConfig
-    from deftrec.ray_utils import ensure_ray
+    from deftrec.config.training import DistributedConfig
+    from deftrec.core.cluster import ensure_ray
 
     dist = dist or DistributedConfig()
     say = log if log is not None else (lambda s: None)

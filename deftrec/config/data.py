@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Optional
+#: Named categories the synthetic generator knows (deftrec.data.synth.CATEGORIES).
+SYNTH_CATEGORIES = 12
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "movielens", "deftrec")
 
@@ -103,3 +105,41 @@ class PreprocessConfig:
                 raise ValueError("columns.user, columns.item and columns.timestamp are required")
         if self.columns.rating == "":
             self.columns.rating = None
+
+
+@dataclasses.dataclass
+class SynthConfig:
+    users: int = 2000
+    items: int = 500
+    interactions: int = 0  # 0 = users * mean_length
+    mean_length: float = 30.0
+    min_length: int = 5
+    categories: int = 12
+    p_transition: float = 0.6  # chance the next item follows a planted successor of the last item
+    p_primary: float = 0.7  # otherwise: primary category with this probability, else secondary
+    p_drift: float = 0.03  # per step, the secondary category is replaced
+    zipf: float = 1.0
+    p_duplicate: float = 0.002  # exact duplicate rows written (de-duplication must remove them)
+    p_tie: float = 0.05  # consecutive events sharing a timestamp (stable ordering must keep them)
+    seed: int = 42
+    chunk_users: int = 20000
+
+    def __post_init__(self):
+        if self.users < 1 or self.items < 2:
+            raise ValueError(f"need users >= 1 and items >= 2 (got users={self.users}, items={self.items})")
+        if not 1 <= self.categories <= SYNTH_CATEGORIES:
+            raise ValueError(f"categories must be in 1..{SYNTH_CATEGORIES}, got {self.categories}")
+        if self.items < self.categories * 4:
+            raise ValueError(f"items ({self.items}) must be at least 4 per category ({self.categories} categories)")
+        for name in ("p_transition", "p_primary", "p_drift", "p_duplicate", "p_tie"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a probability, got {v}")
+        if self.interactions < 0:
+            raise ValueError("interactions must be >= 0")
+        if self.interactions:
+            self.mean_length = self.interactions / self.users
+        if self.mean_length < self.min_length:
+            raise ValueError(f"mean length {self.mean_length:.1f} is below min_length {self.min_length}")
+        if self.min_length < 3:
+            raise ValueError("min_length must be >= 3 (leave-one-out needs train, valid and test items)")

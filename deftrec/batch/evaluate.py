@@ -33,118 +33,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deftrec.config_utils import to_dict
-from deftrec.index import IndexConfig, build_index, describe, load_index, save_index, search
-from deftrec.io import ArtifactError, atomic_directory, finish_manifest, is_complete, read_manifest
+from deftrec.core.config import to_dict
+from deftrec.config.jobs import IndexConfig
+from deftrec.retrieval.index import load_index, search
+from deftrec.core.artifacts import ArtifactError, atomic_directory, finish_manifest, is_complete, read_manifest
+from deftrec.config.jobs import EvalJobConfig
+from deftrec.batch.report import KS, PROTOCOL, format_table
+from deftrec.core.artifacts import model_version
+from deftrec.batch.report import write_report
 
-KS = (5, 10, 20)
-PROTOCOL = ("leave-one-out; full-catalog ranking (no sampled negatives); history_excluded removes the user's "
-            "history items from the ranking, history_kept does not; baselines fit on every user's sequence "
-            "before the split's target and score the same users with their full history")
-
-
-@dataclasses.dataclass
-class EvalJobConfig:
-    split: str = "test"
-    limit: Optional[int] = None  # evaluate the first N users (by user id) of the split
-    sampler: Optional[str] = None  # override eval.sampler of the model config: ddim | ddpm
-    steps: Optional[int] = None  # override eval.steps
-    seed: Optional[int] = None  # override eval.seed
-    explain: bool = False  # also generate the reasoning text when the condition does not need it
-    batch_size: int = 32
-    actors: int = 1  # model replicas in the actor pool
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-
-    def __post_init__(self):
-        if self.split not in ("test", "valid"):
-            raise ValueError(f"split must be 'test' or 'valid', got {self.split!r}")
-        if self.sampler not in (None, "ddim", "ddpm"):
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("limit must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError("steps must be >= 1")
-        if self.batch_size < 1 or self.actors < 1:
-            raise ValueError("batch_size and actors must be >= 1")
-
-
-def model_version(model_dir: str | Path) -> str:
-    """The export's version string (from its manifest): what index and serving pin themselves to."""
-    m = read_manifest(model_dir)
-    if m.get("version"):
-        return str(m["version"])
-    from deftrec.pipeline import fingerprint
-
-    return fingerprint(m.get("outputs", {}))
 
 
 def _load_model(model_dir: str):
-    from deftrec.export import load_model
+    from deftrec.artifacts.model import load_model
 
     return load_model(model_dir)
 
 
 # ------------------------------------------------------------------------------------ index job
-
-
-class ItemKeyEmbedder:
-    """Ray Data actor: loads the model once; maps item indices to keys in the retrieval space."""
-
-    def __init__(self, model_dir: str, loader: Optional[Callable] = None):
-        model = (loader or _load_model)(model_dir)
-        # DeftRec retrieves by -||x0_hat - E_i||^2 against the collaborative item matrix E.
-        self.keys = model.item_emb.detach().float().cpu().numpy()
-
-    def __call__(self, batch: dict) -> dict:
-        items = np.asarray(batch["item"], dtype=np.int64)
-        return {"item": items, "key": list(self.keys[items])}
-
-
-def run_index_job(run_dir: str | Path, cfg: IndexConfig, force: bool = False, log: Callable = print,
-                  loader: Optional[Callable] = None, actors: int = 1, model_dir: str | Path | None = None,
-                  out_dir: str | Path | None = None) -> dict:
-    """Index ``run_dir/data/items.parquet`` with the keys of ``model_dir`` (default ``run_dir/model``)
-    into ``out_dir`` (default ``run_dir/index``)."""
-    import ray
-
-    from deftrec.pipeline import fingerprint
-    from deftrec.ray_utils import ensure_ray
-
-    run_dir = Path(run_dir)
-    data_dir = run_dir / "data"
-    model_dir = Path(model_dir) if model_dir is not None else run_dir / "model"
-    out = Path(out_dir) if out_dir is not None else run_dir / "index"
-    version = model_version(model_dir)
-    fp = fingerprint({"model": version, "index": to_dict(cfg)})
-    if is_complete(out) and not force and read_manifest(out).get("fingerprint") == fp:
-        log(f"[index] {out} is up to date for model {version} and {cfg.factory}; nothing to do (--force rebuilds)")
-        return read_manifest(out)
-    ensure_ray()
-    t0 = time.time()
-    with atomic_directory(out, overwrite=True) as tmp:
-        ds = ray.data.read_parquet(str(data_dir / "items.parquet"), columns=["item"])
-        ds = ds.map_batches(ItemKeyEmbedder, fn_constructor_kwargs={"model_dir": str(model_dir), "loader": loader},
-                            batch_size=4096, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-                            batch_format="numpy")
-        ds.write_parquet(str(tmp / "item_keys.parquet"))
-        t = pq.read_table(tmp / "item_keys.parquet").sort_by("item")
-        items = t.column("item").to_numpy()
-        if not np.array_equal(items, np.arange(len(items))):
-            raise ArtifactError(f"{data_dir}/items.parquet: item indices are not 0..N-1")
-        keys = np.stack(t.column("key").to_numpy(zero_copy_only=False)).astype(np.float32)
-        t_embed = time.time() - t0
-        log(f"[index] {len(keys):,} item keys of dim {keys.shape[1]} ({t_embed:.1f}s); building {cfg.factory}")
-        t1 = time.time()
-        index = build_index(keys, cfg, ids=items)
-        save_index(index, tmp)
-        info = describe(index, cfg, keys)
-        manifest = {"kind": "index", "schema_version": 1, "config": to_dict(cfg), "model_version": version,
-                    "version": f"{version}-{fp[:8]}", "fingerprint": fp, **info,
-                    "seconds": {"embed": round(t_embed, 3), "build": round(time.time() - t1, 3)}}
-        manifest = finish_manifest(tmp, manifest)
-    log(f"[index] wrote {out}: {cfg.factory}, recall@10 vs exact {manifest['recall@10']:.3f}")
-    return manifest
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -155,7 +61,7 @@ class BatchRecommender:
 
     def __init__(self, model_dir: str, index_dir: str, sampler: Optional[str], steps: Optional[int],
                  seed: Optional[int], explain: bool, k: int, loader: Optional[Callable] = None):
-        from deftrec.model.deftrec import DeftRecRecommender
+        from deftrec.retrieval.recommender import DeftRecRecommender
 
         t0 = time.time()
         self.model = (loader or _load_model)(model_dir)
@@ -205,7 +111,7 @@ class BatchRecommender:
 
 def metrics_from_recs(recs: pa.Table, ks=KS) -> dict:
     """Both protocols' HR/NDCG@K recomputed from the saved top-K lists (independent of the job)."""
-    from deftrec.metrics import evaluate_topk
+    from deftrec.retrieval.metrics import evaluate_topk
 
     targets = recs.column("target").to_numpy()
     out = {}
@@ -224,9 +130,9 @@ def run_evaluation(run_dir: str | Path, cfg: EvalJobConfig, log: Callable = prin
                    loader: Optional[Callable] = None) -> dict:
     import ray
 
-    from deftrec.baselines import run_baselines
+    from deftrec.batch.baselines import run_baselines
     from deftrec.data.samples import load_dataset
-    from deftrec.ray_utils import ensure_ray
+    from deftrec.core.cluster import ensure_ray
 
     run_dir = Path(run_dir)
     model_dir, index_dir, out = run_dir / "model", run_dir / "index", run_dir / "eval"
@@ -279,7 +185,7 @@ def run_evaluation(run_dir: str | Path, cfg: EvalJobConfig, log: Callable = prin
             "results": results, "model_version": model_version(model_dir),
             "index_version": read_manifest(index_dir).get("version"), "protocol": PROTOCOL,
         }
-        from deftrec.io import write_json_atomic
+        from deftrec.core.artifacts import write_json_atomic
 
         write_json_atomic(tmp / "metrics.json", metrics)
         write_report(metrics, tmp)
@@ -289,51 +195,3 @@ def run_evaluation(run_dir: str | Path, cfg: EvalJobConfig, log: Callable = prin
     return metrics
 
 
-def format_table(metrics: dict) -> str:
-    lines = [f"split {metrics['split']}, {metrics['users']:,} users, sampler {metrics['sampler']} "
-             f"({metrics['steps']} steps), coverage@10 {metrics['coverage']:.3f}",
-             f"{'model':<11} | {'excluded HR@10':>14} {'NDCG@10':>8} {'HR@20':>6} | {'kept HR@10':>10} {'NDCG@10':>8}"]
-    for name, r in metrics["results"].items():
-        ex, kp = r["history_excluded"], r["history_kept"]
-        lines.append(f"{name:<11} | {ex['hr@10']:>14.4f} {ex['ndcg@10']:>8.4f} {ex['hr@20']:>6.4f} | "
-                     f"{kp['hr@10']:>10.4f} {kp['ndcg@10']:>8.4f}")
-    return "\n".join(lines)
-
-
-def write_report(metrics: dict, out: Path) -> None:
-    """``report.md`` (tables, protocol, timings) and ``report.png`` (NDCG@10 / HR@10 bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(metrics["results"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, proto in zip(axes, ("history_excluded", "history_kept")):
-        x = np.arange(len(names))
-        hr = [metrics["results"][n][proto]["hr@10"] for n in names]
-        nd = [metrics["results"][n][proto]["ndcg@10"] for n in names]
-        ax.bar(x - 0.2, hr, 0.4, label="HR@10")
-        ax.bar(x + 0.2, nd, 0.4, label="NDCG@10")
-        ax.set_xticks(x, names)
-        ax.set_title(proto.replace("_", " "))
-        ax.legend()
-    fig.suptitle(f"DeftRec vs baselines — {metrics['split']}, {metrics['users']} users")
-    fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=100)
-    plt.close(fig)
-    rows = []
-    for proto in ("history_excluded", "history_kept"):
-        rows.append(f"\n### {proto.replace('_', ' ')}\n")
-        rows.append("| model | " + " | ".join(f"{m}@{k}" for k in KS for m in ("HR", "NDCG")) + " |")
-        rows.append("|---|" + "---|" * (2 * len(KS)))
-        for n in names:
-            r = metrics["results"][n][proto]
-            rows.append(f"| {n} | " + " | ".join(f"{r[f'{m}@{k}']:.4f}" for k in KS for m in ("hr", "ndcg")) + " |")
-    secs = ", ".join(f"{k} {v:.1f}s" for k, v in metrics["seconds"].items())
-    text = (f"# DeftRec evaluation\n\nSplit `{metrics['split']}`, {metrics['users']:,} users, sampler "
-            f"`{metrics['sampler']}` ({metrics['steps']} steps), seed {metrics['seed']}. Model "
-            f"`{metrics['model_version']}`, index `{metrics['index_version']}`.\n\nProtocol: {metrics['protocol']}.\n"
-            + "\n".join(rows) + f"\n\nCoverage@10 (history excluded): {metrics['coverage']:.3f}. Time: {secs}.\n\n"
-            "![DeftRec vs baselines](report.png)\n")
-    (out / "report.md").write_text(text, encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Artifacts other stages read: collaborative embeddings and the model export (no training code)."""

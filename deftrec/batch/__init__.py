@@ -1,0 +1,1 @@
+"""Batch jobs on Ray Data: the index job, the evaluation job, baselines and reports."""

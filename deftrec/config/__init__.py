@@ -1,0 +1,1 @@
+"""Configuration dataclasses only (no torch): data, model components, model, training, jobs, pipeline."""

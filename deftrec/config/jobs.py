@@ -1,0 +1,51 @@
+"""deftrec.config.jobs."""
+
+from __future__ import annotations
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass
+class IndexConfig:
+    factory: str = "Flat"
+    metric: str = "l2"  # "l2" (DeftRec's -||x - E_i||^2) | "ip"
+    ef_search: int = 128  # HNSW
+    nprobe: int = 16  # IVF
+    train_sample: int = 100_000  # IVF/PQ training sample size
+    recall_queries: int = 1000  # queries for recall@10 against exact search in the manifest
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.metric not in ("l2", "ip"):
+            raise ValueError(f"metric must be 'l2' or 'ip', got {self.metric!r}")
+        if not self.factory.strip():
+            raise ValueError("factory must be a FAISS factory string such as 'Flat' or 'HNSW32,Flat'")
+        for name in ("ef_search", "nprobe", "train_sample", "recall_queries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclasses.dataclass
+class EvalJobConfig:
+    split: str = "test"
+    limit: Optional[int] = None  # evaluate the first N users (by user id) of the split
+    sampler: Optional[str] = None  # override eval.sampler of the model config: ddim | ddpm
+    steps: Optional[int] = None  # override eval.steps
+    seed: Optional[int] = None  # override eval.seed
+    explain: bool = False  # also generate the reasoning text when the condition does not need it
+    batch_size: int = 32
+    actors: int = 1  # model replicas in the actor pool
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+    def __post_init__(self):
+        if self.split not in ("test", "valid"):
+            raise ValueError(f"split must be 'test' or 'valid', got {self.split!r}")
+        if self.sampler not in (None, "ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if self.batch_size < 1 or self.actors < 1:
+            raise ValueError("batch_size and actors must be >= 1")

@@ -1,0 +1,148 @@
+"""deftrec.training.checkpoint."""
+
+from __future__ import annotations
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+import torch
+from deftrec.config.model import DeftRecConfig
+from deftrec.core.config import to_dict
+if TYPE_CHECKING:
+
+    from deftrec.model.deftrec import DeftRec
+from deftrec.artifacts.model import STATE_FILE, WEIGHTS_FILE, _BUFFERS
+from deftrec.artifacts.model import _ROWS_PREFIX
+from deftrec.artifacts.model import _frozen_embedding_weights
+
+
+#: Tag of the DeepSpeed checkpoint inside every Ray checkpoint directory.
+DS_TAG = "state"
+
+
+
+
+
+
+DS_DIR = "deepspeed"
+
+
+#: Metric the checkpoint manager ranks checkpoints by: validation NDCG@10 (primary protocol) on
+#: checkpoints taken right after a validation, -1 on the others (so they are dropped first; Ray
+#: always keeps the latest one for resume).
+SCORE_KEY = "checkpoint_score"
+
+
+def config_fingerprint(cfg: DeftRecConfig) -> str:
+    """Hash of what a resumed run must share with the one that wrote the checkpoint.
+
+    Run-length and bookkeeping fields (epochs, max_steps, patience, log/validation intervals,
+    device) and the eval section may change between attempts; the model, the data sampling and the
+    optimisation may not.
+    """
+    d = to_dict(cfg)
+    d.pop("eval", None)
+    d.pop("d_llm", None)
+    for k in ("epochs", "max_steps", "patience", "log_every", "validate_every", "device"):
+        d["train"].pop(k, None)
+    for sec in ("collab", "llm"):
+        d[sec].pop("device", None)
+        d[sec].pop("cache_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainerState:
+    """What rank 0 writes next to the DeepSpeed states (``trainer_state.json``)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    samples_in_epoch: int = 0  # samples consumed in the current epoch, all ranks together
+    best_score: float = -1.0
+    best_step: int | None = None
+    bad_validations: int = 0
+    world_size: int = 1
+    zero_stage: int = 2
+    precision: str = "fp32"
+    fingerprint: str = ""
+    done: bool = False  # reached its step budget or stopped early (a larger budget continues it)
+    stopped_early: bool = False  # patience ran out: never continued
+    attempts: int = 1
+    validations: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainerState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def read_trainer_state(checkpoint_dir: str | Path) -> TrainerState:
+    p = Path(checkpoint_dir) / STATE_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: no {STATE_FILE}; not a DeftRec training checkpoint")
+    return TrainerState.from_json(json.loads(p.read_text()))
+
+
+def _is_zero3(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+@contextlib.contextmanager
+def _gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Full values of ZeRO-3 partitioned ``params`` inside the block (collective); no-op otherwise."""
+    part = [p for p in params if _is_zero3(p)]
+    if not part:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(part, modifier_rank=None):
+        yield
+
+
+def consolidated_state(model: DeftRec, rank: int = 0, chunk_numel: int = 1 << 27) -> dict[str, torch.Tensor]:
+    """Full trainable weights, the E/U buffers and the placeholder rows of frozen embeddings, on CPU.
+
+    Under ZeRO-3 parameters are gathered ``chunk_numel`` elements at a time (bounded memory): this
+    is collective, every rank must call it; only rank ``0`` gets the tensors (others get {}).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out: dict[str, torch.Tensor] = {}
+    chunk: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal chunk, size
+        with _gathered([p for _, p in chunk]):
+            if rank == 0:
+                for n, p in chunk:
+                    out[n] = p.detach().cpu().clone()
+        chunk, size = [], 0
+
+    for n, p in named:
+        chunk.append((n, p))
+        size += p.ds_numel if _is_zero3(p) else p.numel()
+        if size >= chunk_numel:
+            flush()
+    if chunk:
+        flush()
+    ids = torch.tensor(sorted(model.placeholders.all_ids()), dtype=torch.long)
+    for kind, w in _frozen_embedding_weights(model).items():
+        with _gathered([w]):
+            if rank == 0:
+                out[f"{_ROWS_PREFIX}{kind}"] = w.detach()[ids.to(w.device)].cpu().clone()
+    if rank == 0:
+        out[f"{_ROWS_PREFIX}ids"] = ids
+        for name in _BUFFERS:
+            buf = getattr(model, name)
+            if buf is not None:
+                out[name] = buf.detach().cpu().clone()
+    return out

@@ -1,0 +1,267 @@
+"""Distributed DeftRec fine-tuning: Ray Train (TorchTrainer) + DeepSpeed ZeRO.
+
+One training job scales from one CPU process to multi-node GPU clusters with the same code:
+
+- :class:`DistributedConfig`: workers, devices, ZeRO stage / offload, precision, checkpointing
+  and fault tolerance (the ``distributed`` section of a preset).
+- :func:`build_deepspeed_config`: the DeepSpeed config with concrete values (no ``"auto"``)::
+
+      train_batch_size = train.batch_size (micro) x train.grad_accum x world_size
+
+- :func:`build_train_dataset`: the training samples as a Ray Dataset, derived from the
+  preprocessed ``sequences.parquet`` by :func:`samples_table` (every prefix of s[:-2], method.md)
+  and streamed to the workers through ``get_dataset_shard("train")`` (equal split; an all-reduced
+  "every rank still has a batch" flag keeps the ranks in lockstep). No worker reads the files.
+- :func:`train_loop_per_worker`: the per-worker loop (restore first, stream batches, DeepSpeed
+  step, validation on an equal slice per rank with all-reduced metrics, checkpoint + report on
+  every rank), and :func:`train_distributed`, the driver (Ray Data, TorchTrainer, export of the
+  best checkpoint to ``DIR/model``).
+
+Checkpoint layout (one directory per report, merged across ranks by Ray Train)::
+
+    trainer_state.json        rank 0: step, epoch, samples consumed in the epoch, best score,
+                              world size, ZeRO stage, validation history, config
+    model.safetensors         rank 0: consolidated trainable weights + E/U buffers + the rows of
+                              the placeholder tokens in frozen embedding matrices (gathered with
+                              deepspeed.zero.GatheredParameters under ZeRO-3)
+    deepspeed/state/...       every rank: DeepSpeed's sharded model/optimizer states
+
+Resume. The same world size and ZeRO stage restore the DeepSpeed states (optimizer moments
+included). A different worker count (or stage) loads the consolidated weights *before*
+``deepspeed.initialize`` (so ZeRO partitions them, and ZeRO-2's fp32 master copy starts from
+them), keeps the step counter and the learning-rate schedule, and resets the Adam moments (it is
+logged). That works for ZeRO-0/2/3 alike; ZeRO-3 moments can only be carried over to another
+world size through DeepSpeed's universal checkpoint (``python -m deepspeed.checkpoint.ds_to_universal``
+on ``deepspeed/`` and ``checkpoint: {load_universal: true}``), which this job does not automate.
+Within an epoch, the data position is restored by skipping the number of batches already
+consumed (Ray Data's streaming split does not replay the exact same rows per rank). Re-running
+a finished run (same storage and name, same step budget) starts no worker and only re-exports.
+Ray's controller collects reports by polling the workers (every 2 s): a worker lost within that
+window after a report can lose that checkpoint, and the run resumes from the one before.
+
+Everything that needs Ray or DeepSpeed is imported inside functions: importing this module is
+cheap, and serving code never imports them (see :mod:`deftrec.export`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+
+from deftrec.config.model import DeftRecConfig
+
+if TYPE_CHECKING:
+
+    from deftrec.artifacts.collab import CollabArtifact
+    from deftrec.data.samples import Catalog
+from deftrec.config.training import DistributedConfig
+from deftrec.training.checkpoint import SCORE_KEY
+from deftrec.training.checkpoint import TrainerState
+from deftrec.training.worker import _WorkerContext
+from deftrec.training.dataset import build_train_dataset
+from deftrec.training.checkpoint import config_fingerprint
+from deftrec.training.dataset import plan_steps
+from deftrec.training.checkpoint import read_trainer_state
+from deftrec.training.worker import train_loop_per_worker
+from deftrec.core.log import Log
+
+__all__ = [
+    "DS_TAG",
+    "DistributedConfig",
+    "DistributedResult",
+    "REFERENCE_CONFIGS",
+    "TrainerState",
+    "build_deepspeed_config",
+    "build_train_dataset",
+    "config_fingerprint",
+    "consolidated_state",
+    "load_consolidated",
+    "plan_steps",
+    "read_trainer_state",
+    "reference_deepspeed_config",
+    "resolve_precision",
+    "samples_table",
+    "shard_bounds",
+    "train_distributed",
+    "train_loop_per_worker",
+    "write_reference_configs",
+]
+
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class DistributedResult:
+    """What :func:`train_distributed` returns."""
+
+    model_dir: Path | None  # DIR/model (None when export=False)
+    best_checkpoint: str | None  # path (or URI) of the exported checkpoint
+    latest_checkpoint: str | None
+    state: TrainerState | None  # trainer state of the best checkpoint
+    metrics: dict  # metrics reported with the latest checkpoint
+    storage: str  # storage_path/name of the Ray Train run
+
+
+def _storage(run_dir: Path, cfg_name: str, dist: DistributedConfig, suffix: str = "") -> tuple[str, str]:
+    storage = dist.storage_path or str((run_dir / "ray_results").resolve())
+    name = (dist.name or cfg_name) + suffix
+    return storage, name
+
+
+def _previous_run(storage: str, name: str) -> tuple[Any, TrainerState] | None:
+    """(Result, trainer state of its latest checkpoint) of an earlier run with this storage/name, if any."""
+    try:
+        from ray.train import Result
+
+        res = Result.from_path(f"{storage.rstrip('/')}/{name}")
+    except Exception:  # noqa: BLE001 - no earlier run (or no snapshot yet): nothing to resume
+        return None
+    if res.checkpoint is None:
+        return None
+    try:
+        with res.checkpoint.as_directory() as d:
+            return res, read_trainer_state(d)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def train_distributed(
+    cfg: DeftRecConfig,
+    dist: DistributedConfig,
+    run_dir: str | Path,
+    *,
+    run_name: str = "deftrec",
+    data_dir: str | Path | None = None,
+    collab_dir: str | Path | None = None,
+    export: bool = True,
+    step_callback: Callable[[int, int], None] | None = None,
+    log: Log | None = print,
+) -> DistributedResult:
+    """Train DeftRec on Ray Train with DeepSpeed and export the best checkpoint to ``RUN_DIR/model``.
+
+    Args:
+        cfg: the model/training config (``train`` drives the loop, ``eval`` the validations).
+        dist: scaling, ZeRO, checkpointing and fault tolerance.
+        run_dir: the run directory (``data/`` and ``collab/`` inside unless given explicitly).
+        run_name: Ray Train run name unless ``dist.name`` is set (resume = same storage and name).
+        export: write ``RUN_DIR/model`` (atomic, with manifest) from the best checkpoint.
+        step_callback: ``f(step, rank)`` run on every worker after each optimizer step.
+
+    Raises:
+        deftrec.io.ArtifactError when the data or the collaborative embeddings are missing;
+        ValueError when an earlier run with the same storage/name used another configuration.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from deftrec.artifacts.collab import load_collab
+    from deftrec.data.samples import build_training_samples, load_dataset
+    from deftrec.core.cluster import ensure_ray
+
+    say = log if log is not None else (lambda s: None)
+    run_dir = Path(run_dir)
+    data_dir = Path(data_dir) if data_dir is not None else run_dir / "data"
+    collab = load_collab(collab_dir if collab_dir is not None else run_dir / "collab")
+    if cfg.tokenizer.user_tokens and collab.user_emb is None:
+        raise ValueError("tokenizer.user_tokens needs the LightGCN user matrix in the collab artifact")
+    if dist.zero_stage == 3 and cfg.needs_generation:
+        # Greedy decoding stops at data-dependent lengths; under ZeRO-3 every forward is a
+        # collective, so ranks would fall out of lockstep during validation.
+        raise ValueError(f"condition={cfg.condition!r} generates text during validation, which ZeRO-3 cannot "
+                         "run in lockstep; use zero_stage 0/2 or condition=prompt_state")
+    if collab.item_emb.shape[1] != cfg.d_c:
+        raise ValueError(f"the collab artifact has d_c={collab.item_emb.shape[1]}, the config collab.dim={cfg.d_c}")
+    data = load_dataset(data_dir)
+    if collab.item_emb.shape[0] != data.n_items:
+        raise ValueError(f"the collab artifact has {collab.item_emb.shape[0]} items, the data {data.n_items}")
+    t = cfg.train
+    n_samples = len(build_training_samples(data.train_sequences, data.users, t.min_history, t.max_samples_per_user,
+                                           cfg.prompt.max_history))
+    valid = data.valid.sample(t.valid_users, t.seed)
+    if len(valid) < dist.num_workers:
+        raise ValueError(f"{len(valid)} validation users cannot be split over {dist.num_workers} workers")
+    fp = config_fingerprint(cfg)
+    storage, name = _storage(run_dir, run_name, dist)
+    prev = _previous_run(storage, name)
+    if prev is not None and prev[1].fingerprint != fp:
+        raise ValueError(f"{storage}/{name} holds a run with a different configuration (fingerprint "
+                         f"{prev[1].fingerprint} != {fp}): pass another run name (--name) or remove it")
+    _, total = plan_steps(n_samples, t, dist.num_workers, dist.debug_steps)
+    if prev is not None and (prev[1].stopped_early or prev[1].step >= total or prev[1].epoch >= t.epochs):
+        # Finished under this budget: nothing to train (no workers started), export its best checkpoint.
+        say(f"[deftrec] {storage}/{name} already finished at step {prev[1].step}; nothing to train")
+        return _finish(prev[0], data.catalog, collab, run_dir, storage, name, export, say)
+
+    ensure_ray()
+    ds = build_train_dataset(data_dir, cfg, source=dist.samples, num_blocks=max(16, 4 * dist.num_workers))
+    context = _WorkerContext(cfg=cfg, dist=dist, catalog=data.catalog, item_emb=collab.item_emb,
+                             user_emb=collab.user_emb if cfg.tokenizer.user_tokens else None,
+                             valid=valid, n_samples=n_samples, fingerprint=fp)
+    ref = ray.put(context)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"context": ref, "step_callback": step_callback},
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
+                                               resources_per_worker={"CPU": dist.cpus_per_worker},
+                                               placement_strategy=dist.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # no line per report
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=dist.num_to_keep,
+                                                         checkpoint_score_attribute=SCORE_KEY,
+                                                         checkpoint_score_order="max")),
+        datasets={"train": ds},
+    )
+    say(f"[deftrec] training on {dist.num_workers} worker(s) (ZeRO-{dist.zero_stage}); checkpoints in {storage}/{name}")
+    result = trainer.fit()
+    return _finish(result, data.catalog, collab, run_dir, storage, name, export, say)
+
+
+def _finish(result: Any, catalog: Catalog, collab: CollabArtifact, run_dir: Path, storage: str, name: str,
+            export: bool, say: Log) -> DistributedResult:
+    """Pick the best checkpoint (validation NDCG@10) of a Ray Train result and export it."""
+    latest = result.checkpoint
+    best = None
+    if result.best_checkpoints:
+        best = max(result.best_checkpoints, key=lambda cm: cm[1].get(SCORE_KEY, -1.0))[0]
+    best = best or latest
+    if best is None:
+        raise RuntimeError(f"the run {storage}/{name} finished without a checkpoint")
+    model_dir = None
+    with best.as_directory() as d:
+        state = read_trainer_state(d)
+        if export:
+            from deftrec.artifacts.model import export_checkpoint
+
+            model_dir = run_dir / "model"
+            export_checkpoint(d, model_dir, catalog, item_emb=collab.item_emb, user_emb=collab.user_emb, extra={
+                "run": f"{storage}/{name}", "checkpoint": best.path, "best_step": state.best_step,
+                "step": state.step, "valid_ndcg@10": state.best_score})
+            say(f"[deftrec] exported step {state.step} (valid NDCG@10 {state.best_score:.4f}) to {model_dir}")
+    return DistributedResult(model_dir=model_dir, best_checkpoint=best.path,
+                             latest_checkpoint=latest.path if latest is not None else None, state=state,
+                             metrics=dict(result.metrics or {}), storage=f"{storage}/{name}")

@@ -1,0 +1,81 @@
+"""deftrec.training.optim."""
+
+from __future__ import annotations
+import math
+from collections.abc import Sequence
+import numpy as np
+import torch
+from deftrec.config.model import DeftRecConfig
+from deftrec.data.samples import TrainingSamples
+from deftrec.model.deftrec import DeftRec
+
+
+def make_batch(model: DeftRec, samples: TrainingSamples, index: np.ndarray | slice) -> dict[str, torch.Tensor]:
+    """Tokenised training batch of ``samples[index]`` (histories, targets and users)."""
+    part = samples.subset(index)
+    return model.make_batch(part.histories, part.targets, part.users)
+
+
+def build_optimizer(model: DeftRec, cfg: DeftRecConfig) -> torch.optim.AdamW:
+    """AdamW with two groups: "llm" at train.llm_lr and "heads" (tokenizers + diffusion) at train.lr."""
+    groups = model.param_groups()
+    t = cfg.train
+    params = [{"params": groups["heads"], "lr": t.lr, "name": "heads"}]
+    if groups["llm"] and t.llm_lr > 0:
+        params.append({"params": groups["llm"], "lr": t.llm_lr, "name": "llm"})
+    elif groups["llm"]:  # llm_lr = 0: freeze instead of carrying useless optimiser state
+        for p in groups["llm"]:
+            p.requires_grad_(False)
+    # foreach: one fused kernel per op over all tensors (the per-tensor loop dominates small models on CPU)
+    return torch.optim.AdamW(params, weight_decay=t.weight_decay, foreach=True)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up then cosine decay (module docstring); ``step`` is 0-based."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DeftRecConfig, total_steps: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    t = cfg.train
+    warmup = min(t.warmup_steps, max(0, total_steps - 1))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, t.min_lr_ratio))
+
+
+def train_step(
+    task: torch.nn.Module,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    grad_clip: float | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One optimiser step: sum of ``total / len(micro_batches)`` gradients, clip, step, zero.
+
+    Returns the loss parts averaged over the micro-batches and the pre-clip gradient norm.
+    ``task`` may be a DDP-wrapped :class:`DeftRecTask`.
+    """
+    if not micro_batches:
+        raise ValueError("need at least one micro-batch")
+    n = len(micro_batches)
+    sums = {"lm": 0.0, "pos": 0.0, "neg": 0.0, "total": 0.0}
+    for mb in micro_batches:
+        parts = task(mb, generator=generator)
+        (parts["total"] / n).backward()
+        for key in sums:
+            sums[key] += float(parts[key].detach()) / n
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if grad_clip is not None:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    sums["grad_norm"] = norm
+    return sums
