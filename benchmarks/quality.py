@@ -105,7 +105,7 @@ def measure_step_rss(preset: str, overrides: list[str], batch: int = 4, history:
     import torch
 
     from deftrec.config.pipeline import load_deftrec_config
-    from deftrec.data.samples import Catalog
+    from deftrec.data.samples import ItemCatalog
     from deftrec.model.deftrec import DeftRec, DeftRecTask
     from deftrec.training.optim import build_optimizer, train_step
 
@@ -115,7 +115,7 @@ def measure_step_rss(preset: str, overrides: list[str], batch: int = 4, history:
     n_items = 500
     rng = np.random.default_rng(0)
     titles = np.array([f"Artist number {i:04d} with a long band name" for i in range(n_items)], dtype=object)
-    catalog = Catalog(np.array([str(i) for i in range(n_items)], dtype=object), titles,
+    catalog = ItemCatalog(np.array([str(i) for i in range(n_items)], dtype=object), titles,
                       np.array(["Electronic"] * n_items, dtype=object))
     E = rng.normal(scale=0.1, size=(n_items, cfg.d_c)).astype(np.float32)
     U = rng.normal(scale=0.1, size=(batch, cfg.d_c)).astype(np.float32)

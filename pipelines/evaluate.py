@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--actors", type=int, default=1)
     a = p.parse_args(argv)
-    from deftrec.config.jobs import EvalJobConfig
+    from deftrec.config.jobs import EvaluateJobConfig
     from deftrec.batch.evaluate import run_evaluation
 
     try:
-        cfg = from_dict(EvalJobConfig, {k: v for k, v in {
+        cfg = from_dict(EvaluateJobConfig, {k: v for k, v in {
             "split": a.split, "limit": a.limit, "sampler": a.sampler, "steps": a.steps, "seed": a.seed,
             "explain": a.explain, "batch_size": a.batch_size, "actors": a.actors}.items() if v is not None}, "evaluate")
         m = run_evaluation(a.run_dir, cfg)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deftrec.config.pipeline import load_deftrec_config
-from deftrec.data.samples import Catalog, Ragged
+from deftrec.data.samples import ItemCatalog, Ragged
 from deftrec.retrieval.metrics import mask_history, topk
 from deftrec.model.deftrec import DeftRec, DeftRecTask, keyed_normal
 from deftrec.retrieval.recommender import DeftRecRecommender
@@ -31,11 +31,11 @@ def cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def catalog() -> Catalog:
+def catalog() -> ItemCatalog:
     ids = np.array([str(i) for i in range(N_ITEMS)], dtype=object)
     titles = np.array([f"Song {i}" for i in range(N_ITEMS)], dtype=object)
     cats = np.array(["Jazz" if i % 2 else "Rock" for i in range(N_ITEMS)], dtype=object)
-    return Catalog(ids, titles, cats)
+    return ItemCatalog(ids, titles, cats)
 
 
 @pytest.fixture(scope="module")

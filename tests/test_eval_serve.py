@@ -90,12 +90,12 @@ def _hand_metrics(lists: np.ndarray, targets: np.ndarray, k: int) -> tuple[float
 
 def test_evaluation_metrics_recs_and_determinism(run):
     from deftrec.data.samples import load_dataset
-    from deftrec.config.jobs import EvalJobConfig
+    from deftrec.config.jobs import EvaluateJobConfig
     from deftrec.batch.evaluate import run_evaluation
     from deftrec.artifacts.model import load_model
     from deftrec.retrieval.recommender import DeftRecRecommender
 
-    m1 = run_evaluation(run, EvalJobConfig(limit=60, batch_size=16, seed=3), log=lambda s: None)
+    m1 = run_evaluation(run, EvaluateJobConfig(limit=60, batch_size=16, seed=3), log=lambda s: None)
     out = run / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(m1))
@@ -130,7 +130,7 @@ def test_evaluation_metrics_recs_and_determinism(run):
     for row, h in zip(np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False)), es.histories):
         assert not set(row.tolist()) & set(h.tolist())
     # a fixed seed gives identical metrics and lists twice
-    m2 = run_evaluation(run, EvalJobConfig(limit=60, batch_size=16, seed=3, actors=1), log=lambda s: None)
+    m2 = run_evaluation(run, EvaluateJobConfig(limit=60, batch_size=16, seed=3, actors=1), log=lambda s: None)
     assert m2["results"] == m1["results"]
     recs2 = pq.read_table(out / "recs.parquet").sort_by("user")
     np.testing.assert_array_equal(np.stack(recs2.column("items_excluded").to_numpy(zero_copy_only=False)),
@@ -138,14 +138,14 @@ def test_evaluation_metrics_recs_and_determinism(run):
 
 
 def test_evaluation_refuses_missing_stages(tmp_path):
-    from deftrec.config.jobs import EvalJobConfig
+    from deftrec.config.jobs import EvaluateJobConfig
     from deftrec.batch.evaluate import run_evaluation
     from deftrec.core.artifacts import ArtifactError
 
     with pytest.raises(ArtifactError, match="model export"):
-        run_evaluation(tmp_path, EvalJobConfig())
+        run_evaluation(tmp_path, EvaluateJobConfig())
     with pytest.raises(ValueError, match="split"):
-        EvalJobConfig(split="train")
+        EvaluateJobConfig(split="train")
 
 
 # ------------------------------------------------------------------------------ serving
@@ -170,10 +170,10 @@ def _users(run) -> list[str]:
 
 
 def test_endpoint_matches_batch_evaluation(run, server):
-    from deftrec.config.jobs import EvalJobConfig
+    from deftrec.config.jobs import EvaluateJobConfig
     from deftrec.batch.evaluate import run_evaluation
 
-    run_evaluation(run, EvalJobConfig(limit=8, batch_size=4), log=lambda s: None)  # the model's own seed
+    run_evaluation(run, EvaluateJobConfig(limit=8, batch_size=4), log=lambda s: None)  # the model's own seed
     recs = pq.read_table(run / "eval" / "recs.parquet").sort_by("user")
     recs = [{"user": u, "items_excluded": list(a), "items_kept": list(b)} for u, a, b in zip(
         recs.column("user").to_pylist(), recs.column("items_excluded").to_numpy(zero_copy_only=False),
@@ -332,10 +332,10 @@ def test_fused_topology_answers_batches_and_swaps(run, server, v2):
         serve.run(build_app(str(run), num_cpus=0, max_batch_size=16, batch_wait_timeout_s=0.05, topology="fused",
                             user_config=user_config), name="fused", route_prefix="/fused")
 
-    from deftrec.serve.engine import Catalog, Query, RecommenderEngine
+    from deftrec.serve.engine import ServingCatalog, Query, RecommenderEngine
 
     engine = RecommenderEngine(run / "model", run / "index")  # the same model, in this process
-    catalog = Catalog(run / "data")
+    catalog = ServingCatalog(run / "data")
     assert catalog.max_history == read_manifest(run / "data")["config"]["max_history"]  # preprocessing's length
     deploy()
     try:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from deftrec.config.pipeline import load_deftrec_config
-from deftrec.data.samples import Catalog, Ragged
+from deftrec.data.samples import ItemCatalog, Ragged
 from deftrec.training.checkpoint import STATE_FILE, WEIGHTS_FILE, TrainerState, consolidated_state
 from deftrec.artifacts.model import load_consolidated
 from deftrec.artifacts.model import export_checkpoint, export_model, load_model
@@ -31,11 +31,11 @@ TINY = REPO / "pipelines" / "configs" / "tiny.yaml"
 N_ITEMS, N_USERS = 40, 12
 
 
-def _catalog() -> Catalog:
+def _catalog() -> ItemCatalog:
     ids = np.array([f"i{i}" for i in range(N_ITEMS)], dtype=object)
     titles = np.array([f"Song {i} &amp; co" for i in range(N_ITEMS)], dtype=object)
     cats = np.array(["Rock" if i % 2 else "Jazz" for i in range(N_ITEMS)], dtype=object)
-    return Catalog(ids, titles, cats)
+    return ItemCatalog(ids, titles, cats)
 
 
 def _model(*overrides: str, user_tokens: bool = False, seed: int = 0) -> DeftRec:

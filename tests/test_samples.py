@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deftrec.data.preprocess import build_splits
-from deftrec.data.samples import Catalog, Ragged, build_training_samples, load_dataset, training_pairs
+from deftrec.data.samples import ItemCatalog, Ragged, build_training_samples, load_dataset, training_pairs
 from deftrec.core.artifacts import ArtifactError, finish_manifest
 
 # Full chronological sequences (user -> items). Test target s[-1], valid s[-2], training part s[:-2].
@@ -151,7 +151,7 @@ def test_catalog_with_gaps_keeps_lookup_by_index(tmp_path):
     assert d.n_items == 6
     assert d.catalog.titles[5] == "five" and d.catalog.titles[0] == "zero"
     assert d.catalog.titles[3] == "item 3"  # missing index: placeholder text, never a neighbour's title
-    assert Catalog.synthetic(3).titles.tolist() == ["item 0", "item 1", "item 2"]
+    assert ItemCatalog.synthetic(3).titles.tolist() == ["item 0", "item 1", "item 2"]
 
 
 def test_real_preprocess_output_invariants(ray_session, synth_small, tmp_path):

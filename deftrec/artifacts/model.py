@@ -33,12 +33,12 @@ from deftrec.core.config import from_dict, to_dict
 from deftrec.core.artifacts import ArtifactError, atomic_directory, finish_manifest, read_manifest, require_files, verify_outputs
 
 if TYPE_CHECKING:
-    from deftrec.data.samples import Catalog
+    from deftrec.data.samples import ItemCatalog
     from deftrec.model.deftrec import DeftRec
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:
 
-    from deftrec.data.samples import Catalog
+    from deftrec.data.samples import ItemCatalog
     from deftrec.model.deftrec import DeftRec
 
 __all__ = ["EXPORT_FORMAT", "export_checkpoint", "export_model", "load_model"]
@@ -66,7 +66,7 @@ def _merged_llm(model: DeftRec) -> torch.nn.Module:
     return llm
 
 
-def _catalog_table(catalog: Catalog):
+def _catalog_table(catalog: ItemCatalog):
     import pyarrow as pa
 
     n = catalog.n_items
@@ -109,7 +109,7 @@ def export_model(model: DeftRec, out_dir: str | Path, extra: dict[str, Any] | No
     return manifest
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: Catalog,
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: ItemCatalog,
                       extra: dict[str, Any] | None = None, item_emb: np.ndarray | None = None,
                       user_emb: np.ndarray | None = None) -> dict:
     """Export a training checkpoint of :mod:`deftrec.distributed` (consolidated weights + state).
@@ -162,7 +162,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deftrec.data.samples import Catalog
+    from deftrec.data.samples import ItemCatalog
     from deftrec.model.deftrec import DeftRec
     from deftrec.model.llm import PlaceholderIds
 
@@ -190,7 +190,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
     if tok.convert_tokens_to_ids(expected) != [ph.diff_open, ph.diff_close, *ph.item]:
         raise ArtifactError(f"{root}: the saved tokenizer's placeholder ids disagree with placeholders.json")
     collab = load_file(str(root / "collab.safetensors"))
-    catalog = Catalog.from_table(pq.read_table(root / "catalog.parquet"))
+    catalog = ItemCatalog.from_table(pq.read_table(root / "catalog.parquet"))
     model = DeftRec(cfg, llm, tok, ph, collab["item_emb"], collab.get("user_emb"), catalog)
     toks = load_file(str(root / "tokenizers.safetensors"))
     model.item_tokenizer.load_state_dict({k[5:]: v for k, v in toks.items() if k.startswith("item.")})

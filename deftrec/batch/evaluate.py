@@ -37,7 +37,7 @@ from deftrec.core.config import to_dict
 from deftrec.config.jobs import IndexConfig
 from deftrec.retrieval.index import load_index, search
 from deftrec.core.artifacts import ArtifactError, atomic_directory, finish_manifest, is_complete, read_manifest
-from deftrec.config.jobs import EvalJobConfig
+from deftrec.config.jobs import EvaluateJobConfig
 from deftrec.batch.report import KS, PROTOCOL, format_table
 from deftrec.core.artifacts import model_version
 from deftrec.batch.report import write_report
@@ -126,7 +126,7 @@ def _select(m: dict, ks=KS) -> dict:
     return {f"{name}@{k}": float(m[f"{name}@{k}"]) for k in ks for name in ("hr", "ndcg")}
 
 
-def run_evaluation(run_dir: str | Path, cfg: EvalJobConfig, log: Callable = print,
+def run_evaluation(run_dir: str | Path, cfg: EvaluateJobConfig, log: Callable = print,
                    loader: Optional[Callable] = None) -> dict:
     import ray
 

@@ -26,7 +26,7 @@ class IndexConfig:
 
 
 @dataclasses.dataclass
-class EvalJobConfig:
+class EvaluateJobConfig:
     split: str = "test"
     limit: Optional[int] = None  # evaluate the first N users (by user id) of the split
     sampler: Optional[str] = None  # override eval.sampler of the model config: ddim | ddpm

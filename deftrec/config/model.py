@@ -11,7 +11,7 @@ One validated dataclass per concern, composed into :class:`DeftRecConfig`:
 ``diffusion``   :class:`DiffusionSettings` (DiffusionConfig minus the derived d_c/cond_dim)
 ``condition``   ``"prompt_state"`` | ``"response_embeddings"`` | ``"hidden_states"``
 ``train``       :class:`TrainConfig`
-``eval``        :class:`EvalConfig`
+``eval``        :class:`InferenceConfig`
 ==============  =====================================================================
 
 Derived fields are filled after init, like Hugging Face configs: ``d_c`` comes from
@@ -45,7 +45,7 @@ __all__ = [
     "GENERATIVE_CONDITIONS",
     "DeftRecConfig",
     "DiffusionSettings",
-    "EvalConfig",
+    "InferenceConfig",
     "TokenizerSettings",
     "TrainConfig",
     "load_deftrec_config",
@@ -81,7 +81,7 @@ class TokenizerSettings:
 @dataclass
 class DiffusionSettings:
     """:class:`DiffusionConfig` minus the derived ``d_c``/``cond_dim`` (and minus the sampler, see
-    :class:`EvalConfig`).
+    :class:`InferenceConfig`).
 
     ``x0_norm``: ``"none"`` (default, the method) diffuses the raw LightGCN embeddings, x0 = E[i];
     ``"std"`` divides E by its global standard deviation first (the scale-factor trick of latent
@@ -125,7 +125,7 @@ class DiffusionSettings:
 
 
 @dataclass
-class EvalConfig:
+class InferenceConfig:
     """Inference and evaluation (method.md section 5)."""
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
@@ -180,7 +180,7 @@ class DeftRecConfig:
     diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
     condition: Literal["prompt_state", "response_embeddings", "hidden_states"] = "prompt_state"
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: InferenceConfig = field(default_factory=InferenceConfig)
     d_llm: int | None = None
 
     def __post_init__(self) -> None:

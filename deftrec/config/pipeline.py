@@ -4,12 +4,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Literal, Optional
-from deftrec.config.model import DeftRecConfig, DiffusionSettings, EvalConfig, TokenizerSettings
+from deftrec.config.model import DeftRecConfig, DiffusionSettings, InferenceConfig, TokenizerSettings
 from deftrec.config.training import TrainConfig
 from deftrec.core.config import ConfigError, apply_overrides, from_dict, load_yaml
 from deftrec.config.data import SynthConfig
 from deftrec.config.training import DistributedConfig
-from deftrec.config.jobs import EvalJobConfig
+from deftrec.config.jobs import EvaluateJobConfig
 from deftrec.config.jobs import IndexConfig
 from deftrec.config.components import LightGCNConfig
 from deftrec.config.components import LLMConfig
@@ -20,7 +20,7 @@ STAGES = ("synth", "preprocess", "collab", "train", "index", "evaluate")
 
 
 @dataclasses.dataclass
-class DataConfig:
+class DataSourceConfig:
     """Where the interactions come from: a synthetic log (``synth``) or files (``preprocess.input``)."""
 
     synth: Optional[SynthConfig] = None
@@ -34,7 +34,7 @@ class DataConfig:
 @dataclasses.dataclass
 class PipelineConfig:
     name: str = "deftrec"
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(synth=SynthConfig()))
+    data: DataSourceConfig = dataclasses.field(default_factory=lambda: DataSourceConfig(synth=SynthConfig()))
     stages: list[str] = dataclasses.field(default_factory=lambda: ["synth", "preprocess"])
     # Model sections: the fields of deftrec.config.DeftRecConfig, flat at the top level of a preset.
     collab: LightGCNConfig = dataclasses.field(default_factory=LightGCNConfig)
@@ -44,11 +44,11 @@ class PipelineConfig:
     diffusion: DiffusionSettings = dataclasses.field(default_factory=DiffusionSettings)
     condition: Literal["prompt_state", "response_embeddings", "hidden_states"] = "prompt_state"
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    eval: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)
     # Ray Train / DeepSpeed settings of the collab and train jobs (not part of the model config).
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
-    evaluate: EvalJobConfig = dataclasses.field(default_factory=EvalJobConfig)
+    evaluate: EvaluateJobConfig = dataclasses.field(default_factory=EvaluateJobConfig)
 
     def __post_init__(self):
         known = STAGES

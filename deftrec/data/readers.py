@@ -516,7 +516,7 @@ def parse_chunk(chunk: Chunk, cfg: PreprocessConfig, catalog_ids, num_buckets: i
 
 
 @dataclasses.dataclass
-class Catalog:
+class RawCatalog:
     """Item metadata: ``key`` is the id used in the log, ``item_id`` the original id shown to users."""
 
     table: pa.Table  # key, item_id, title, category, (index for 'preserve' mapping)
@@ -524,7 +524,7 @@ class Catalog:
     source: str
 
 
-def read_catalog(cfg: PreprocessConfig, path: str) -> Catalog:
+def read_catalog(cfg: PreprocessConfig, path: str) -> RawCatalog:
     _check_file(path)
     cc = cfg.catalog_columns
     if cfg.format == "movielens" or (path.endswith(".dat")):
@@ -589,7 +589,7 @@ def _line_of_offset(path: str, offset: int) -> int:
         return f.read(offset).count(b"\n") + 1
 
 
-def _catalog_from_rows(path, names, rows, numbers, cc, header_line: bool) -> Catalog:
+def _catalog_from_rows(path, names, rows, numbers, cc, header_line: bool) -> RawCatalog:
     def pos(name, role, required):
         if name is None:
             if required:
@@ -641,7 +641,7 @@ def _catalog_from_rows(path, names, rows, numbers, cc, header_line: bool) -> Cat
         "file": [path] * len(rej), "line": pa.array([x[0] for x in rej], pa.int64()),
         "field": [x[1] for x in rej], "reason": [x[2] for x in rej], "raw": [x[3] for x in rej],
     }, schema=REJECT_SCHEMA)
-    return Catalog(table, rejects, path)
+    return RawCatalog(table, rejects, path)
 
 
 # --------------------------------------------------------------------------------------------

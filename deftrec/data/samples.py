@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 from deftrec.core.artifacts import ArtifactError, read_manifest
 
 __all__ = [
-    "Catalog",
-    "Dataset",
+    "ItemCatalog",
+    "PreprocessedData",
     "EvalSet",
     "Ragged",
     "TrainingSamples",
@@ -135,7 +135,7 @@ class Ragged(Sequence):
 
 
 @dataclass(frozen=True, eq=False)
-class Catalog:
+class ItemCatalog:
     """Item texts indexed by item id 0..n_items-1 (object arrays of str)."""
 
     item_ids: np.ndarray  # original ids (str)
@@ -151,7 +151,7 @@ class Catalog:
         return len(self.titles)
 
     @classmethod
-    def from_table(cls, table: pa.Table) -> Catalog:
+    def from_table(cls, table: pa.Table) -> ItemCatalog:
         item = table.column("item").to_numpy().astype(np.int64)
         n = int(item.max()) + 1 if item.size else 0
         if item.size and (item.min() < 0 or np.unique(item).size != item.size):
@@ -167,7 +167,7 @@ class Catalog:
         return cls(ids, titles, cats)
 
     @classmethod
-    def synthetic(cls, n_items: int) -> Catalog:
+    def synthetic(cls, n_items: int) -> ItemCatalog:
         """Titles "item 0".. for callers without a catalog (tests, id-only data)."""
         ids = np.array([str(i) for i in range(n_items)], dtype=object)
         return cls(ids, np.array([f"item {i}" for i in range(n_items)], dtype=object), np.full(n_items, "", object))
@@ -215,13 +215,13 @@ class TrainingSamples:
 
 
 @dataclass(frozen=True, eq=False)
-class Dataset:
+class PreprocessedData:
     """A preprocessed directory in memory."""
 
     root: Path
     users: np.ndarray  # int64 [n_seq] user id of each sequence row (sorted)
     sequences: Ragged  # full chronological sequences
-    catalog: Catalog
+    catalog: ItemCatalog
     train: EvalSet
     valid: EvalSet
     test: EvalSet
@@ -261,7 +261,7 @@ def _read_split(path: Path) -> EvalSet:
                    t.column("target").to_numpy().astype(np.int64))
 
 
-def load_dataset(path: str | Path) -> Dataset:
+def load_dataset(path: str | Path) -> PreprocessedData:
     """Load a preprocessed directory; raises ArtifactError if it is incomplete or inconsistent."""
     root = Path(path)
     manifest = read_manifest(root, files=_FILES)  # raises unless complete with every file
@@ -274,7 +274,7 @@ def load_dataset(path: str | Path) -> Dataset:
     sequences = Ragged.from_arrow(seq.column("items"))
     if sequences.lengths.min() < 3:
         raise ArtifactError(f"{root}: a sequence is shorter than 3 (leave-one-out needs train, valid and test items)")
-    catalog = Catalog.from_table(pq.read_table(root / "items.parquet"))
+    catalog = ItemCatalog.from_table(pq.read_table(root / "items.parquet"))
     splits = {name: _read_split(root / f"{name}.parquet") for name in _SPLITS}
     n_items = catalog.n_items
     for name, es in splits.items():
@@ -285,7 +285,7 @@ def load_dataset(path: str | Path) -> Dataset:
             raise ArtifactError(f"{root}: {name}.parquet has item ids outside the catalog [0, {n_items})")
     if sequences.values.size and (sequences.values.min() < 0 or sequences.values.max() >= n_items):
         raise ArtifactError(f"{root}: sequences.parquet has item ids outside the catalog [0, {n_items})")
-    return Dataset(root=root, users=users, sequences=sequences, catalog=catalog, n_users=int(users.max()) + 1,
+    return PreprocessedData(root=root, users=users, sequences=sequences, catalog=catalog, n_users=int(users.max()) + 1,
                    n_items=n_items, manifest=manifest, **splits)
 
 
@@ -323,7 +323,7 @@ def build_training_samples(
     return TrainingSamples(users[row], hist, sequences.values[target_pos].astype(np.int64))
 
 
-def training_pairs(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+def training_pairs(dataset: PreprocessedData) -> tuple[np.ndarray, np.ndarray]:
     """(user, item) interactions of the training sequences s[:-2] (LightGCN's graph)."""
     rows, items = dataset.train_sequences.flat()
     return dataset.users[rows], items

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deftrec.config.model import DeftRecConfig
-from deftrec.data.samples import Catalog
+from deftrec.data.samples import ItemCatalog
 from deftrec.model.diffusion import DiffusionHead
 from deftrec.model.prompts import IGNORE_INDEX, build_generation_batch, build_inputs_embeds, build_training_batch
 from deftrec.model.tokenizer import ContinuousTokenizer
@@ -139,7 +139,7 @@ class DeftRec(nn.Module):
         placeholders: PlaceholderIds,
         item_emb: np.ndarray | Tensor,
         user_emb: np.ndarray | Tensor | None = None,
-        catalog: Catalog | None = None,
+        catalog: ItemCatalog | None = None,
     ) -> None:
         super().__init__()
         d_llm = llm.get_input_embeddings().embedding_dim
@@ -151,7 +151,7 @@ class DeftRec(nn.Module):
             raise ValueError(f"item_emb must be [n_items, d_c={self.cfg.d_c}], got {tuple(E.shape)}")
         if self.cfg.tokenizer.user_tokens and user_emb is None:
             raise ValueError("tokenizer.user_tokens needs user_emb (the LightGCN user matrix)")
-        self.catalog = catalog if catalog is not None else Catalog.synthetic(E.shape[0])
+        self.catalog = catalog if catalog is not None else ItemCatalog.synthetic(E.shape[0])
         if self.catalog.n_items != E.shape[0]:
             raise ValueError(f"catalog has {self.catalog.n_items} items, item_emb {E.shape[0]}")
         if len(placeholders.item) < self.cfg.tokenizer.K:
@@ -189,7 +189,7 @@ class DeftRec(nn.Module):
         cfg: DeftRecConfig,
         item_emb: np.ndarray | Tensor,
         user_emb: np.ndarray | Tensor | None = None,
-        catalog: Catalog | None = None,
+        catalog: ItemCatalog | None = None,
     ) -> DeftRec:
         """Load the LLM named by ``cfg.llm`` (placeholders added, LoRA applied) and build the model."""
         from deftrec.model.llm import build_llm

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor
-from deftrec.config.model import EvalConfig
+from deftrec.config.model import InferenceConfig
 from deftrec.retrieval.metrics import topk as _topk
 if TYPE_CHECKING:
 
@@ -34,7 +34,7 @@ class Recommendations:
 class DeftRecRecommender:
     """Batched inference over a trained :class:`DeftRec` (see the module docstring for the steps)."""
 
-    def __init__(self, model: DeftRec, cfg: EvalConfig | None = None) -> None:
+    def __init__(self, model: DeftRec, cfg: InferenceConfig | None = None) -> None:
         self.model = model
         self.cfg = cfg if cfg is not None else model.cfg.eval
         T = model.head.cfg.T

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 from fastapi import FastAPI, HTTPException, Response
 from ray import serve
 
-from deftrec.serve.engine import Catalog, Query, RecommenderEngine, UnknownId, history_key
+from deftrec.serve.engine import ServingCatalog, Query, RecommenderEngine, UnknownId, history_key
 from deftrec.serve.schemas import Health, Item, RecommendRequest, RecommendResponse, ScoredItem
 
 MAX_BODY_BYTES = 64 * 1024
@@ -109,7 +109,7 @@ class Ingress:
         BatchedRecommender's arguments (fused)."""
         self.recommender = recommender
         self.local = BatchedRecommender(run_dir, **local) if recommender is None else None
-        self.catalog = Catalog(Path(run_dir) / "data", max_history)
+        self.catalog = ServingCatalog(Path(run_dir) / "data", max_history)
         self.user_offset = len(self.catalog.user_index) + 1
 
     @api.post("/recommend", response_model=RecommendResponse, responses={404: {"description": "unknown id"}})

@@ -32,7 +32,7 @@ class UnknownId(KeyError):
         return self.args[0]
 
 
-class Catalog:
+class ServingCatalog:
     """Item metadata, id maps and stored user histories of one preprocessed data directory."""
 
     def __init__(self, data_dir: str | Path, max_history: Optional[int] = None):

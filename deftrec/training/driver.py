@@ -57,7 +57,7 @@ from deftrec.config.model import DeftRecConfig
 if TYPE_CHECKING:
 
     from deftrec.artifacts.collab import CollabArtifact
-    from deftrec.data.samples import Catalog
+    from deftrec.data.samples import ItemCatalog
 from deftrec.config.training import DistributedConfig
 from deftrec.training.checkpoint import SCORE_KEY
 from deftrec.training.checkpoint import TrainerState
@@ -241,7 +241,7 @@ def train_distributed(
     return _finish(result, data.catalog, collab, run_dir, storage, name, export, say)
 
 
-def _finish(result: Any, catalog: Catalog, collab: CollabArtifact, run_dir: Path, storage: str, name: str,
+def _finish(result: Any, catalog: ItemCatalog, collab: CollabArtifact, run_dir: Path, storage: str, name: str,
             export: bool, say: Log) -> DistributedResult:
     """Pick the best checkpoint (validation NDCG@10) of a Ray Train result and export it."""
     latest = result.checkpoint

@@ -25,7 +25,7 @@ import torch
 
 from deftrec.config.model import DeftRecConfig
 from deftrec.core.config import to_dict
-from deftrec.data.samples import Dataset, build_training_samples, load_dataset, training_pairs
+from deftrec.data.samples import PreprocessedData, build_training_samples, load_dataset, training_pairs
 from deftrec.model.deftrec import DeftRec, DeftRecTask
 from deftrec.model.lightgcn import train_lightgcn
 from deftrec.training.optim import build_optimizer
@@ -48,7 +48,7 @@ __all__ = [
 
 
 
-def fit_collab(cfg: DeftRecConfig, data: Dataset, log: Log | None = print) -> tuple[np.ndarray, np.ndarray, list]:
+def fit_collab(cfg: DeftRecConfig, data: PreprocessedData, log: Log | None = print) -> tuple[np.ndarray, np.ndarray, list]:
     """LightGCN on the training sequences only (s[:-2]); early stopping on validation HR@10."""
     users, items = training_pairs(data)
     v = data.valid
@@ -67,7 +67,7 @@ def _primary(metrics: dict[str, dict[str, float]], exclude_history: bool) -> flo
 
 def train_local(
     cfg: DeftRecConfig,
-    data_dir: str | Path | Dataset,
+    data_dir: str | Path | PreprocessedData,
     out_dir: str | Path | None = None,
     log: Log | None = print,
     collab: tuple[np.ndarray, np.ndarray] | None = None,
@@ -76,7 +76,7 @@ def train_local(
 
     Args:
         cfg: the full config (``train`` drives this loop, ``eval`` the validation runs).
-        data_dir: a preprocessed directory, or an already loaded :class:`Dataset`.
+        data_dir: a preprocessed directory, or an already loaded :class:`PreprocessedData`.
         out_dir: if given, ``checkpoint.pt`` (trainable state of the best model, E/U buffers,
             config, step), ``history.json`` and ``config.json`` are written there.
         collab: precomputed (U, E) to skip the LightGCN stage.
@@ -87,7 +87,7 @@ def train_local(
     """
     say = log if log is not None else (lambda s: None)
     t = cfg.train
-    data = data_dir if isinstance(data_dir, Dataset) else load_dataset(data_dir)
+    data = data_dir if isinstance(data_dir, PreprocessedData) else load_dataset(data_dir)
     timings: dict[str, float] = {}
     torch.manual_seed(t.seed)
     np_rng = np.random.default_rng(t.seed)

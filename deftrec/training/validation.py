@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from deftrec.data.samples import EvalSet
     from deftrec.model.deftrec import DeftRec
 from collections.abc import Sequence
-from deftrec.config.model import EvalConfig
+from deftrec.config.model import InferenceConfig
 from deftrec.data.samples import EvalSet
 from deftrec.retrieval.metrics import evaluate_in_chunks
 from deftrec.model.deftrec import DeftRec
@@ -71,7 +71,7 @@ def evaluate(
     ks: Sequence[int] | None = None,
     seed: int | None = None,
     batch_size: int | None = None,
-    eval_cfg: EvalConfig | None = None,
+    eval_cfg: InferenceConfig | None = None,
 ) -> dict[str, dict[str, float]]:
     """HR/NDCG/MRR@K of ``eval_set`` under both protocols (full catalog, see deftrec.metrics).
 

@@ -19,7 +19,7 @@ from deftrec.config.model import DeftRecConfig
 from deftrec.core.config import to_dict
 if TYPE_CHECKING:
 
-    from deftrec.data.samples import Catalog, EvalSet
+    from deftrec.data.samples import ItemCatalog, EvalSet
     from deftrec.model.deftrec import DeftRec
 from deftrec.training.checkpoint import DS_DIR
 from deftrec.training.checkpoint import DS_TAG
@@ -45,7 +45,7 @@ class _WorkerContext:
 
     cfg: DeftRecConfig
     dist: DistributedConfig
-    catalog: Catalog
+    catalog: ItemCatalog
     item_emb: np.ndarray
     user_emb: np.ndarray | None
     valid: EvalSet
