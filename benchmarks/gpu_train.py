@@ -45,9 +45,9 @@ def peak_tflops(name: str) -> float | None:
 
 def prepare(config: Path, data_preset: str | None, run: Path, overrides: list[str]) -> None:
     from deftrec.artifacts.collab import save_collab
-    from deftrec.data.samples import load_dataset
-    from deftrec.core.artifacts import is_complete
     from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.core.artifacts import is_complete
+    from deftrec.data.samples import load_dataset
     from deftrec.end_to_end import run_pipeline
     from deftrec.training.local import fit_collab
 
@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from deftrec.config.training import DistributedConfig
-    from deftrec.training.ds_config import resolve_precision
-    from deftrec.training.driver import train_distributed
     from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.config.training import DistributedConfig
+    from deftrec.training.driver import train_distributed
+    from deftrec.training.ds_config import resolve_precision
 
     if not torch.cuda.is_available():
         print("error: no CUDA device: this benchmark needs a GPU", file=sys.stderr)

@@ -66,13 +66,13 @@ def measured(cmd: list[str]) -> tuple[dict, float]:
 
 def run_one(impl: str, inp: str, items: str, out: str) -> None:
     """Child process: run one implementation and print a JSON line."""
-    from deftrec.core.config import from_dict
     from deftrec.config.data import PreprocessConfig
+    from deftrec.core.config import from_dict
 
     cfg = from_dict(PreprocessConfig, {"input": [inp], "items": items, "output": out, "overwrite": True})
     if impl == "ray":
-        from deftrec.data.preprocess import run_preprocess
         from deftrec.core.cluster import ensure_ray
+        from deftrec.data.preprocess import run_preprocess
 
         t0 = time.time()
         ensure_ray()
@@ -103,8 +103,8 @@ def main() -> None:
         run_one(a.run, a.input, a.items, a.out)
         return
     from deftrec.config.data import SynthConfig
-    from deftrec.data.synth import generate
     from deftrec.core.artifacts import is_complete
+    from deftrec.data.synth import generate
 
     work = Path(a.workdir)
     rows = []

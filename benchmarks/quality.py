@@ -38,9 +38,9 @@ def _prepare_data(path: Path, work: Path) -> Path:
     if (path / "manifest.json").is_file():
         return path
     from deftrec.config.data import PreprocessConfig
-    from deftrec.data.preprocess import run_preprocess
     from deftrec.core.artifacts import is_complete
     from deftrec.core.cluster import ensure_ray
+    from deftrec.data.preprocess import run_preprocess
 
     out = work / f"{path.name}-preprocessed"
     if not is_complete(out):

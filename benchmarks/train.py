@@ -30,9 +30,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def prepare(preset: str, workdir: Path) -> Path:
     """RUN_DIR with data/ (the preset's data stages) and collab/ (a short LightGCN run), cached."""
     from deftrec.artifacts.collab import save_collab
-    from deftrec.data.samples import load_dataset
-    from deftrec.core.artifacts import is_complete
     from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.core.artifacts import is_complete
+    from deftrec.data.samples import load_dataset
     from deftrec.end_to_end import run_pipeline
     from deftrec.training.local import fit_collab
 
@@ -56,9 +56,9 @@ def prepare(preset: str, workdir: Path) -> Path:
 
 
 def run_one(preset: str, run: Path, stage: int, workers: int, steps: int, window: int) -> dict:
+    from deftrec.config.pipeline import load_pipeline_config
     from deftrec.config.training import DistributedConfig
     from deftrec.training.driver import train_distributed
-    from deftrec.config.pipeline import load_pipeline_config
 
     overrides = ["collab.epochs=2", f"train.log_every={window}", "train.validate_every=null",
                  f"train.valid_users={max(8, workers)}", "eval.steps=1", "eval.sampler=ddim",

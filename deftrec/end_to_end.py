@@ -1,120 +1,151 @@
-"""The end-to-end pipeline: stages with fingerprinted, resumable artifacts.
+"""The end-to-end pipeline: the stage table, the only module that imports every stage.
 
-A stage is skipped when its artifact's manifest is complete and carries the fingerprint of the
-stage's config and inputs; otherwise it is (re)built. Re-running after a crash therefore resumes
-at the first incomplete stage.
+Each stage writes one directory of the run (``synth/``, ``data/``, ``collab/``, ``model/``,
+``index/``, ``eval/``) and is identified by the project's one fingerprint rule
+(:func:`deftrec.core.artifacts.stage_fingerprint`: the settings it reads plus the identities of
+its inputs), computed by the same function its standalone job uses. A stage whose directory
+holds a complete artifact with that fingerprint is skipped, so re-running after a crash resumes
+at the first incomplete stage, and an artifact made by ``python -m pipelines.<stage>`` is
+recognised here (and the other way round).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from deftrec.core.config import from_dict, to_dict
 from deftrec.config.data import PreprocessConfig
-from deftrec.core.artifacts import is_complete, read_manifest
+from deftrec.config.model import DeftRecConfig
 from deftrec.config.pipeline import PipelineConfig
-from deftrec.core.artifacts import fingerprint
+from deftrec.core.artifacts import read_manifest, up_to_date
+from deftrec.core.config import from_dict
+from deftrec.core.log import Log
+
+__all__ = ["STAGE_DIRS", "run_pipeline", "preprocess_config"]
+
+#: Stage -> its directory inside the run directory.
+STAGE_DIRS = {"synth": "synth", "preprocess": "data", "collab": "collab", "train": "model", "index": "index",
+              "evaluate": "eval"}
 
 
-def _stage(name: str, out: Path, fp: str, build: Callable[[], dict], log) -> tuple[dict, bool, float]:
-    """Run ``build`` unless ``out`` holds a complete artifact with fingerprint ``fp``."""
-    if is_complete(out):
-        m = read_manifest(out)
-        if m.get("fingerprint") == fp:
-            log(f"[pipeline] {name}: up to date ({out}), skipped")
-            return m, True, 0.0
-        log(f"[pipeline] {name}: config or inputs changed, rebuilding {out}")
+@dataclass
+class _Run:
+    """What every stage of one pipeline run reads."""
+
+    cfg: PipelineConfig
+    run_dir: Path
+    preprocess: PreprocessConfig
+    model: DeftRecConfig
+    log: Log
+
+    def dir(self, stage: str) -> Path:
+        return self.run_dir / STAGE_DIRS[stage]
+
+
+def preprocess_config(cfg: PipelineConfig, run_dir: str | Path) -> PreprocessConfig:
+    """The preprocessing config of a run: ``data.preprocess`` with the synthetic log as input when the
+    run generates one, and ``RUN_DIR/data`` as output."""
+    run_dir = Path(run_dir)
+    fields = dict(cfg.data.preprocess)
+    if cfg.data.synth is not None and "synth" in cfg.stages:
+        syn_dir = run_dir / STAGE_DIRS["synth"]
+        fields.setdefault("input", [str(syn_dir / "interactions.csv")])
+        fields.setdefault("items", str(syn_dir / "items.csv"))
+        fields.setdefault("format", "csv")
+    fields["output"] = str(run_dir / STAGE_DIRS["preprocess"])
+    fields["overwrite"] = True
+    return from_dict(PreprocessConfig, fields, "data.preprocess")
+
+
+# --------------------------------------------------------------------------------------------- stages
+# Each stage: (fingerprint of its current config and inputs, build). Imports stay inside the
+# functions: a run that stops after preprocessing never imports torch or DeepSpeed.
+
+
+def _synth(r: _Run) -> tuple[str, Callable[[], object]]:
+    from deftrec.data.synth import generate, synth_fingerprint
+
+    fp = synth_fingerprint(r.cfg.data.synth)
+    return fp, lambda: generate(r.cfg.data.synth, r.dir("synth"), overwrite=True, log=r.log)
+
+
+def _preprocess(r: _Run) -> tuple[str, Callable[[], object]]:
+    from deftrec.data.preprocess import preprocess_fingerprint, run_preprocess
+
+    fp = preprocess_fingerprint(r.preprocess)
+    return fp, lambda: run_preprocess(r.preprocess, log=r.log)
+
+
+def _collab(r: _Run) -> tuple[str, Callable[[], object]]:
+    from deftrec.artifacts.collab import collab_fingerprint
+    from deftrec.training.collab_job import train_collab_distributed
+
+    fp = collab_fingerprint(r.model.collab, r.dir("preprocess"))
+    return fp, lambda: train_collab_distributed(r.model.collab, r.dir("preprocess"), r.dir("collab"),
+                                                r.cfg.distributed, run_name=f"{r.cfg.name}-collab", log=r.log)
+
+
+def _train(r: _Run) -> tuple[str, Callable[[], object]]:
+    from deftrec.training.driver import train_distributed, train_fingerprint
+
+    fp = train_fingerprint(r.model, r.cfg.distributed, r.dir("preprocess"), r.dir("collab"))
+    return fp, lambda: train_distributed(r.model, r.cfg.distributed, r.run_dir, run_name=r.cfg.name,
+                                         data_dir=r.dir("preprocess"), collab_dir=r.dir("collab"), log=r.log)
+
+
+def _index(r: _Run) -> tuple[str, Callable[[], object]]:
+    from deftrec.batch.index_job import index_fingerprint, run_index_job
+
+    fp = index_fingerprint(r.cfg.index, r.dir("train"))
+    return fp, lambda: run_index_job(r.run_dir, r.cfg.index, force=True, log=r.log)
+
+
+def _evaluate(r: _Run) -> tuple[str, Callable[[], object]]:
+    from deftrec.batch.evaluate import evaluation_fingerprint, run_evaluation
+
+    fp = evaluation_fingerprint(r.run_dir, r.cfg.evaluate)
+    return fp, lambda: run_evaluation(r.run_dir, r.cfg.evaluate, log=r.log, force=True)
+
+
+STAGE_TABLE: dict[str, Callable[[_Run], tuple[str, Callable[[], object]]]] = {
+    "synth": _synth, "preprocess": _preprocess, "collab": _collab, "train": _train, "index": _index,
+    "evaluate": _evaluate,
+}
+
+
+def _run_stage(name: str, r: _Run) -> dict:
+    """Build stage ``name`` unless its directory is up to date; returns its summary entry."""
+    out = r.dir(name)
+    r.log(f"[pipeline] == {name} ==")
+    fp, build = STAGE_TABLE[name](r)
+    if up_to_date(out, fp):
+        r.log(f"[pipeline] {name}: up to date ({out}), skipped")
+        return {"path": str(out), "skipped": True, "seconds": 0.0}
     t0 = time.time()
-    m = build()
-    return m, False, time.time() - t0
+    build()
+    if read_manifest(out).get("fingerprint") != fp:  # every job stamps its manifest with its fingerprint
+        raise RuntimeError(f"{out}: the {name} job wrote fingerprint {read_manifest(out).get('fingerprint')!r}, "
+                           f"the pipeline expected {fp} (internal error)")
+    return {"path": str(out), "skipped": False, "seconds": round(time.time() - t0, 2)}
 
 
-def _set_fingerprint(directory: Path, fp: str) -> dict:
-    from deftrec.core.artifacts import write_json_atomic
-
-    m = read_manifest(directory)
-    m["fingerprint"] = fp
-    write_json_atomic(directory / "manifest.json", m)
-    return m
-
-
-def _artifact_id(directory: Path) -> str:
-    """Content identity of a finished artifact (its output checksums), for downstream fingerprints."""
-    return fingerprint(read_manifest(directory).get("outputs", {}))
-
-
-def run_pipeline(cfg: PipelineConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> dict:
+def run_pipeline(cfg: PipelineConfig, run_dir: str | Path, log: Log = print) -> dict:
     """Run the configured stages in order; each is skipped when its artifact is up to date."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"run_dir": str(run_dir), "stages": {}}
     # Build every typed config first: a bad value fails now, not an hour into the run.
-    pp_fields = dict(cfg.data.preprocess)
-    if cfg.data.synth is not None and "synth" in cfg.stages:
-        syn_dir = run_dir / "synth"
-        pp_fields.setdefault("input", [str(syn_dir / "interactions.csv")])
-        pp_fields.setdefault("items", str(syn_dir / "items.csv"))
-        pp_fields.setdefault("format", "csv")
-    pp_fields["output"] = str(run_dir / "data")
-    pp_fields["overwrite"] = True
-    pp_cfg = from_dict(PreprocessConfig, pp_fields, "data.preprocess")
-    model_cfg = cfg.deftrec_config()
-    dirs = {"synth": run_dir / "synth", "preprocess": run_dir / "data", "collab": run_dir / "collab",
-            "train": run_dir / "model", "index": run_dir / "index", "evaluate": run_dir / "eval"}
-
-    def run_stage(name: str, fp_obj, build: Callable[[], None]) -> dict:
-        out = dirs[name]
-        fp = fingerprint(fp_obj)
-        log(f"[pipeline] == {name} ==")
-        m, skipped, secs = _stage(name, out, fp, lambda: (build(), _set_fingerprint(out, fp))[1], log)
-        summary["stages"][name] = {"path": str(out), "skipped": skipped, "seconds": round(secs, 2)}
-        return m
-
+    r = _Run(cfg=cfg, run_dir=run_dir, preprocess=preprocess_config(cfg, run_dir), model=cfg.deftrec_config(),
+             log=log)
+    summary: dict = {"run_dir": str(run_dir), "stages": {}}
     for name in cfg.stages:
+        summary["stages"][name] = _run_stage(name, r)
         if name == "synth":
-            from deftrec.data.synth import generate
-
-            m = run_stage("synth", to_dict(cfg.data.synth),
-                          lambda: generate(cfg.data.synth, dirs["synth"], overwrite=True, log=log))
-            summary["stages"]["synth"]["rows"] = m.get("rows")
+            summary["stages"][name]["rows"] = read_manifest(r.dir(name)).get("rows")
         elif name == "preprocess":
-            from deftrec.data.preprocess import run_preprocess
-
-            upstream = {}
-            for p in list(pp_cfg.input) + ([pp_cfg.items] if pp_cfg.items else []):
-                parent = Path(p).parent  # inputs are identified by their producer's manifest where there is one
-                upstream[p] = read_manifest(parent).get("outputs", {}).get(Path(p).name) if is_complete(parent) \
-                    else {"mtime": Path(p).stat().st_mtime if Path(p).exists() else None}
-            m = run_stage("preprocess", {"config": to_dict(pp_cfg), "inputs": upstream},
-                          lambda: run_preprocess(pp_cfg, log=log))
-            summary["stages"]["preprocess"]["counts"] = m["counts"]
-        elif name == "collab":
-            from deftrec.training.collab_job import train_collab_distributed
-
-            run_stage("collab", {"collab": to_dict(model_cfg.collab), "data": _artifact_id(dirs["preprocess"]),
-                                 "workers": cfg.distributed.num_workers},
-                      lambda: train_collab_distributed(model_cfg.collab, dirs["preprocess"], dirs["collab"],
-                                                       cfg.distributed, run_name=f"{cfg.name}-collab", log=log))
-        elif name == "train":
-            from deftrec.training.driver import train_distributed
-
-            run_stage("train", {"model": to_dict(model_cfg), "distributed": to_dict(cfg.distributed),
-                                "data": _artifact_id(dirs["preprocess"]), "collab": _artifact_id(dirs["collab"])},
-                      lambda: train_distributed(model_cfg, cfg.distributed, run_dir, run_name=cfg.name,
-                                                data_dir=dirs["preprocess"], collab_dir=dirs["collab"], log=log))
-        elif name == "index":
-            from deftrec.batch.index_job import run_index_job
-
-            run_stage("index", {"index": to_dict(cfg.index), "model": _artifact_id(dirs["train"])},
-                      lambda: run_index_job(run_dir, cfg.index, force=True, log=log))
+            summary["stages"][name]["counts"] = read_manifest(r.dir(name))["counts"]
         elif name == "evaluate":
-            from deftrec.batch.evaluate import run_evaluation
-
-            run_stage("evaluate", {"evaluate": to_dict(cfg.evaluate), "model": _artifact_id(dirs["train"]),
-                                   "index": _artifact_id(dirs["index"])},
-                      lambda: run_evaluation(run_dir, cfg.evaluate, log=log))
-            summary["metrics"] = json.loads((dirs["evaluate"] / "metrics.json").read_text())
+            summary["metrics"] = json.loads((r.dir(name) / "metrics.json").read_text())
     return summary

@@ -1,41 +1,54 @@
 """Run the whole DeftRec pipeline for one config, resuming at the first incomplete stage.
 
     python -m pipelines.end_to_end --config pipelines/configs/tiny.yaml --run-dir runs/tiny [--set key=value ...]
+        [--verbose]
 
 Stages (the config's ``stages`` list, in this order): synth (when the config has data.synth),
 preprocess, collab, train, index, evaluate. Each writes one directory of RUN_DIR (synth/, data/,
 collab/, model/, index/, eval/) with a manifest; a stage whose manifest matches its config and
-inputs is skipped, so re-running after a crash resumes at the first incomplete stage.
+inputs is skipped, so re-running after a crash resumes at the first incomplete stage. The console
+shows one line per step of progress; the full log is in RUN_DIR/logs/end_to_end.log.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+from pathlib import Path
 
-from deftrec.core.config import ConfigError
-from deftrec.data.readers import InputError
-from deftrec.core.artifacts import ArtifactError
+from pipelines._cli import add_common_flags, run
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.end_to_end", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="YAML preset, e.g. pipelines/configs/tiny.yaml")
-    p.add_argument("--run-dir", required=True, help="directory for every artifact of this run")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    add_common_flags(p)
     a = p.parse_args(argv)
-    from deftrec.config.pipeline import load_pipeline_config
-    from deftrec.end_to_end import run_pipeline
+    if a.config is None:
+        p.error("--config is required (e.g. pipelines/configs/tiny.yaml)")
 
-    try:
+    def body() -> int:
+        from deftrec.config.pipeline import load_pipeline_config
+        from deftrec.end_to_end import run_pipeline
+
         cfg = load_pipeline_config(a.config, a.set)
         summary = run_pipeline(cfg, a.run_dir)
-    except (ConfigError, InputError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary, a.run_dir))
-    return 0
+        print(format_summary(summary, a.run_dir))
+        return 0
+
+    return run(a, body, "end_to_end")
+
+
+def example_user_id(run_dir: str | Path) -> str | None:
+    """An existing user id of the run (the first in users.parquet), for the printed curl command."""
+    import pyarrow.parquet as pq
+
+    path = Path(run_dir) / "data" / "users.parquet"
+    if not path.exists():
+        return None
+    ids = pq.read_table(path, columns=["user_id"]).column("user_id")
+    return str(ids[0].as_py()) if len(ids) else None
 
 
 def format_summary(summary: dict, run_dir: str) -> str:
@@ -55,10 +68,11 @@ def format_summary(summary: dict, run_dir: str) -> str:
 
         lines += ["", format_table(m), f"protocol: {m['protocol']}"]
     if "train" in summary["stages"]:
-        lines += ["", "serve and query it:",
-                  f"  serve run deftrec.serve:app run_dir={run_dir}",
+        user = example_user_id(run_dir)
+        body = json.dumps({"user_id": user, "k": 10, "explain": True})
+        lines += ["", "serve and query it:", f"  serve run deftrec.serve:app run_dir={run_dir}",
                   "  curl -s -X POST 127.0.0.1:8000/recommend -H 'content-type: application/json' "
-                  "-d '{\"user_id\": \"<a user id>\", \"k\": 10, \"explain\": true}'"]
+                  f"-d {shlex.quote(body)}"]
     return "\n".join(lines)
 
 

@@ -1,6 +1,10 @@
 """Batch evaluation of a run on Ray Data: recommendations, metrics against baselines, report.
 
     python -m pipelines.evaluate --run-dir DIR [--split test|valid] [--limit N] [--sampler ddpm|ddim] [--steps S]
+        [--force] [--verbose]
+
+Skipped when DIR/eval is up to date for the same settings, data, model and index (``--force``
+re-evaluates).
 """
 
 from __future__ import annotations
@@ -8,13 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deftrec.core.config import ConfigError, from_dict
-from deftrec.core.artifacts import ArtifactError
+from pipelines._cli import add_common_flags, run
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--run-dir", required=True)
+    add_common_flags(p, config=False)
     p.add_argument("--split", default="test", choices=["test", "valid"])
     p.add_argument("--limit", type=int, help="first N users of the split")
     p.add_argument("--sampler", choices=["ddim", "ddpm"])
@@ -23,21 +26,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--explain", action="store_true", help="also generate the reasoning text")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--force", action="store_true", help="re-evaluate even if DIR/eval is up to date")
     a = p.parse_args(argv)
-    from deftrec.config.jobs import EvaluateJobConfig
-    from deftrec.batch.evaluate import run_evaluation
 
-    try:
+    def body() -> int:
+        from deftrec.batch.evaluate import run_evaluation
+        from deftrec.config.jobs import EvaluateJobConfig
+        from deftrec.core.config import from_dict
+
         cfg = from_dict(EvaluateJobConfig, {k: v for k, v in {
             "split": a.split, "limit": a.limit, "sampler": a.sampler, "steps": a.steps, "seed": a.seed,
             "explain": a.explain, "batch_size": a.batch_size, "actors": a.actors}.items() if v is not None}, "evaluate")
-        m = run_evaluation(a.run_dir, cfg)
-    except (ConfigError, ArtifactError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"[evaluate] wrote {a.run_dir}/eval (metrics.json, recs.parquet, report.md, report.png); "
-          f"{m['seconds']['total']:.1f}s")
-    return 0
+        m = run_evaluation(a.run_dir, cfg, force=a.force)
+        print(f"[evaluate] wrote {a.run_dir}/eval (metrics.json, recs.parquet, report.md, report.png); "
+              f"{m['seconds']['total']:.1f}s")
+        return 0
+
+    return run(a, body, "evaluate")
 
 
 if __name__ == "__main__":

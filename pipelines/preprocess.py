@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deftrec.core.config import ConfigError, apply_overrides, from_dict, load_yaml
 from deftrec.config.data import FORMATS, PreprocessConfig
-from deftrec.data.readers import InputError
-from deftrec.core.artifacts import ArtifactError
+from deftrec.core.config import apply_overrides, from_dict, load_yaml
+from pipelines._cli import run
 
 
 def build_config(argv: list[str] | None = None) -> PreprocessConfig:
+    return config_from_args(parse_args(argv))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipelines.preprocess", description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", help="input file(s) or folder(s); format deftrec: the dataset folder")
     p.add_argument("--format", choices=FORMATS)
@@ -33,7 +36,11 @@ def build_config(argv: list[str] | None = None) -> PreprocessConfig:
     p.add_argument("--num-buckets", type=int, help="user-hash partitions (0 = by input size)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
-    a = p.parse_args(argv)
+    p.add_argument("--verbose", action="store_true", help="show Ray's own INFO logs on the console too")
+    return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace) -> PreprocessConfig:
     data = {}
     if a.config:
         y = load_yaml(a.config)
@@ -60,16 +67,17 @@ def build_config(argv: list[str] | None = None) -> PreprocessConfig:
 def main(argv: list[str] | None = None) -> int:
     from deftrec.data.preprocess import run_preprocess
 
-    try:
-        cfg = build_config(argv)
+    a = parse_args(argv)
+
+    def body() -> int:
+        cfg = config_from_args(a)
         m = run_preprocess(cfg)
-    except (InputError, ConfigError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    c = m["counts"]
-    print(f"[preprocess] {cfg.output}: {c['users']:,} users, {c['items']:,} items, {c['kept']:,} interactions kept "
-          f"of {c['rows_in']:,}; rejected {c['rejected_total']:,}, removed {c['removed_total']:,}")
-    return 0
+        c = m["counts"]
+        print(f"[preprocess] {cfg.output}: {c['users']:,} users, {c['items']:,} items, {c['kept']:,} interactions "
+              f"kept of {c['rows_in']:,}; rejected {c['rejected_total']:,}, removed {c['removed_total']:,}")
+        return 0
+
+    return run(a, body, "preprocess")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deftrec.core.config import ConfigError
 from deftrec.config.data import SynthConfig
-from deftrec.data.synth import generate
-from deftrec.core.artifacts import ArtifactError
+from pipelines._cli import add_common_flags, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--categories", type=int, default=SynthConfig.categories)
     p.add_argument("--seed", type=int, default=SynthConfig.seed)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_common_flags(p, run_dir=False, config=False)
     a = p.parse_args(argv)
-    try:
+
+    def body() -> int:
+        from deftrec.data.synth import generate
+
         cfg = SynthConfig(users=a.users, items=a.items, interactions=a.interactions,
                           mean_length=a.mean_length, categories=a.categories, seed=a.seed)
         m = generate(cfg, a.out, overwrite=a.overwrite)
-    except (ValueError, ConfigError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"[synth] wrote {m['rows']:,} interactions, {m['items']} items, {m['users']} users to {a.out}")
-    return 0
+        print(f"[synth] wrote {m['rows']:,} interactions, {m['items']} items, {m['users']} users to {a.out}")
+        return 0
+
+    return run(a, body, "synth")
 
 
 if __name__ == "__main__":

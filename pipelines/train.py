@@ -15,10 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from deftrec.core.config import ConfigError
-from deftrec.data.readers import InputError
-from deftrec.core.artifacts import ArtifactError
-from pipelines.collab import add_distributed_flags, distributed_overrides
+from pipelines._cli import add_distributed_flags, distributed_overrides, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,29 +25,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug-steps", type=int, help="stop after N optimizer steps (smoke run)")
     p.add_argument("--no-export", action="store_true", help="train and checkpoint only; do not write DIR/model")
     a = p.parse_args(argv)
-    from deftrec.training.driver import train_distributed
-    from deftrec.config.pipeline import load_pipeline_config
 
-    overrides = distributed_overrides(a)
-    if a.zero_stage is not None:
-        overrides.append(f"distributed.zero_stage={a.zero_stage}")
-    if a.debug_steps is not None:
-        overrides.append(f"distributed.debug_steps={a.debug_steps}")
-    try:
+    def body() -> int:
+        from deftrec.config.pipeline import load_pipeline_config
+        from deftrec.training.driver import train_distributed
+
+        overrides = distributed_overrides(a)
+        if a.zero_stage is not None:
+            overrides.append(f"distributed.zero_stage={a.zero_stage}")
+        if a.debug_steps is not None:
+            overrides.append(f"distributed.debug_steps={a.debug_steps}")
         cfg = load_pipeline_config(a.config, overrides)
         res = train_distributed(cfg.deftrec_config(), cfg.distributed, Path(a.run_dir), run_name=cfg.name,
                                 export=not a.no_export)
-    except (ConfigError, InputError, ArtifactError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    st = res.state
-    print("\n== summary ==")
-    print(f"run          {res.storage}")
-    print(f"best         step {st.best_step} (valid NDCG@10 {st.best_score:.4f}) {res.best_checkpoint}")
-    print(f"latest       {res.latest_checkpoint}")
-    if res.model_dir is not None:
-        print(f"model        {res.model_dir}")
-    return 0
+        st = res.state
+        print("\n== summary ==")
+        print(f"run          {res.storage}")
+        print(f"best         step {st.best_step} (valid NDCG@10 {st.best_score:.4f}) {res.best_checkpoint}")
+        print(f"latest       {res.latest_checkpoint}")
+        if res.model_dir is not None:
+            print(f"model        {res.model_dir}")
+        return 0
+
+    return run(a, body, "train")
 
 
 if __name__ == "__main__":

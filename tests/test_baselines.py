@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deftrec.batch.baselines import BASELINES, EASE, Baseline, MarkovLastItem, Popularity, run_baselines
+from deftrec.batch.baselines import (
+    BASELINES,
+    EASE,
+    Baseline,
+    MarkovLastItem,
+    Popularity,
+    run_baselines,
+)
 from deftrec.retrieval.metrics import evaluate_both_protocols, topk
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from deftrec.batch.baselines import Popularity
 from deftrec.artifacts.collab import collab_fingerprint, load_collab, save_collab
-from deftrec.training.collab_job import train_collab_distributed
-from deftrec.data.samples import load_dataset, training_pairs
+from deftrec.batch.baselines import Popularity
+from deftrec.config.components import LightGCNConfig
 from deftrec.config.training import DistributedConfig
 from deftrec.core.artifacts import ArtifactError
+from deftrec.data.samples import load_dataset, training_pairs
 from deftrec.retrieval.metrics import evaluate_both_protocols
-from deftrec.config.components import LightGCNConfig
-from deftrec.model.lightgcn import train_lightgcn
+from deftrec.training.collab_job import train_collab_distributed
+from deftrec.training.lightgcn import train_lightgcn
 
 torch.set_num_threads(1)
 

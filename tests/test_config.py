@@ -6,11 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from deftrec.config.model import DeftRecConfig, DiffusionSettings, InferenceConfig, TokenizerSettings
+from deftrec.config.components import ContinuousTokenizerConfig, DiffusionConfig
+from deftrec.config.model import DeftRecConfig, InferenceConfig
+from deftrec.config.pipeline import (
+    PipelineConfig,
+    load_deftrec_config,
+    load_pipeline_config,
+)
 from deftrec.config.training import TrainConfig
-from deftrec.config.pipeline import load_deftrec_config
 from deftrec.core.config import ConfigError, from_dict, to_dict
-from deftrec.config.pipeline import PipelineConfig, load_pipeline_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 
@@ -52,7 +56,7 @@ def test_overrides_apply_with_types():
 
 
 def test_derived_component_configs():
-    cfg = DeftRecConfig(tokenizer=TokenizerSettings(K=3, combine="sum"), eval=InferenceConfig(steps=20))
+    cfg = DeftRecConfig(tokenizer=ContinuousTokenizerConfig(K=3, combine="sum"), eval=InferenceConfig(steps=20))
     assert cfg.prompt.K == 3 and cfg.prompt.combine_sum and cfg.prompt.slots == 1
     with pytest.raises(ValueError, match="d_llm"):
         cfg.diffusion_config()  # not known before the LLM is loaded
@@ -111,7 +115,7 @@ def test_possible_combinations_load():
 
 
 def test_section_defaults_follow_the_method():
-    t, e, dz, tk = TrainConfig(), InferenceConfig(), DiffusionSettings(), TokenizerSettings()
+    t, e, dz, tk = TrainConfig(), InferenceConfig(), DiffusionConfig(), ContinuousTokenizerConfig()
     assert (t.lr, t.weight_decay, t.lambda_lm, t.min_history, t.max_samples_per_user, t.seed) == (
         1e-3, 1e-5, 0.1, 3, 20, 42)
     assert (e.sampler, e.steps, e.max_gen_tokens, e.score, e.k) == ("ddim", 50, 32, "l2", [5, 10, 20])

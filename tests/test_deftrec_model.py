@@ -10,11 +10,16 @@ import torch
 
 from deftrec.config.pipeline import load_deftrec_config
 from deftrec.data.samples import ItemCatalog, Ragged
-from deftrec.retrieval.metrics import mask_history, topk
 from deftrec.model.deftrec import DeftRec, DeftRecTask, keyed_normal
-from deftrec.retrieval.recommender import DeftRecRecommender
 from deftrec.model.prompts import IGNORE_INDEX
-from deftrec.training.optim import build_optimizer, build_scheduler, lr_factor, train_step
+from deftrec.retrieval.metrics import mask_history, topk
+from deftrec.retrieval.recommender import DeftRecRecommender
+from deftrec.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    train_step,
+)
 
 torch.set_num_threads(1)
 
@@ -311,13 +316,12 @@ def test_learns_beyond_popularity(ray_session, tmp_path, cache):
     Protocol: full catalog, history excluded, the same test users for both models.
     """
     from deftrec.batch.baselines import Popularity, run_baselines
-    from deftrec.config.data import PreprocessConfig
+    from deftrec.config.data import PreprocessConfig, SynthConfig
     from deftrec.data.preprocess import run_preprocess
     from deftrec.data.samples import load_dataset
-    from deftrec.config.data import SynthConfig
     from deftrec.data.synth import generate
-    from deftrec.training.validation import evaluate
     from deftrec.training.local import train_local
+    from deftrec.training.validation import evaluate
 
     generate(SynthConfig(users=600, items=150, mean_length=20, seed=7), tmp_path / "synth", log=lambda s: None)
     run_preprocess(PreprocessConfig(input=[str(tmp_path / "synth" / "interactions.csv")],

@@ -1,4 +1,4 @@
-"""Tests for deftrec.model.diffusion: closed-form schedule/sampler checks, per-sample loss
+"""Tests for deftrec.model.diffusion and deftrec.model.schedule: closed-form schedule/sampler checks, per-sample loss
 shapes, negative sampling, CFG, a toy learning problem and determinism."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from deftrec.config.components import DiffusionConfig
-from deftrec.model.diffusion import DiffusionHead, NoiseSchedule, ddim_timesteps
+from deftrec.model.diffusion import DiffusionHead
+from deftrec.model.schedule import NoiseSchedule, ddim_timesteps
 
 torch.set_num_threads(1)
 

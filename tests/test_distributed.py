@@ -18,16 +18,20 @@ import numpy as np
 import pytest
 import torch
 
-from deftrec.config.training import TrainConfig
 from deftrec.config.pipeline import load_deftrec_config
+from deftrec.config.training import DistributedConfig, TrainConfig
 from deftrec.data.samples import Ragged, build_training_samples
-from deftrec.training.ds_config import REFERENCE_CONFIGS, build_deepspeed_config, reference_deepspeed_config, resolve_precision
-from deftrec.config.training import DistributedConfig
-from deftrec.training.worker import _set_schedule_step
+from deftrec.retrieval.metrics import evaluate_both_protocols
 from deftrec.training.checkpoint import config_fingerprint, read_trainer_state
 from deftrec.training.dataset import plan_steps, samples_table, shard_bounds
 from deftrec.training.driver import train_distributed
-from deftrec.retrieval.metrics import evaluate_both_protocols
+from deftrec.training.ds_config import (
+    REFERENCE_CONFIGS,
+    build_deepspeed_config,
+    reference_deepspeed_config,
+    resolve_precision,
+)
+from deftrec.training.worker import _set_schedule_step
 
 torch.set_num_threads(1)
 
@@ -214,8 +218,8 @@ TRAIN = ["collab.dim=16", "train.batch_size=8", "train.max_steps=8", "train.warm
 def run_dir(ray_session, tmp_path_factory) -> Path:
     """Preprocessed small synthetic log + collab artifact (LightGCN in-process: the job has its own tests)."""
     from deftrec.artifacts.collab import save_collab
-    from deftrec.data.samples import load_dataset
     from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.data.samples import load_dataset
     from deftrec.end_to_end import run_pipeline
     from deftrec.training.local import fit_collab
 
@@ -256,8 +260,8 @@ def _events(path: Path) -> list[tuple[int, int, int]]:
 
 def _check_export_matches_checkpoint(run_dir: Path, result, data_dir: Path | None = None) -> None:
     """The exported model reproduces, on one process, the validation metrics the workers all-reduced."""
-    from deftrec.data.samples import load_dataset
     from deftrec.artifacts.model import load_model
+    from deftrec.data.samples import load_dataset
     from deftrec.training.validation import evaluate
 
     model = load_model(run_dir / "model")

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def _train_and_export(data_dir, out_dir, seed: int):
-    from deftrec.config.pipeline import load_deftrec_config
     from deftrec.artifacts.model import export_model
+    from deftrec.config.pipeline import load_deftrec_config
     from deftrec.training.local import train_local
 
     cfg = load_deftrec_config(REPO / "pipelines/configs/tiny.yaml", [
@@ -40,10 +40,10 @@ def _train_and_export(data_dir, out_dir, seed: int):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, synth_small):
     """data/ (preprocessed synthetic log), model/ (a briefly trained tiny export), index/ (Flat)."""
-    from deftrec.core.config import from_dict
-    from deftrec.config.data import PreprocessConfig
-    from deftrec.data.preprocess import run_preprocess
     from deftrec.batch.index_job import run_index_job
+    from deftrec.config.data import PreprocessConfig
+    from deftrec.core.config import from_dict
+    from deftrec.data.preprocess import run_preprocess
 
     root = tmp_path_factory.mktemp("run")
     run_preprocess(from_dict(PreprocessConfig, {"input": [str(synth_small / "interactions.csv")],
@@ -58,8 +58,8 @@ def run(tmp_path_factory, synth_small):
 
 
 def test_index_job_keys_manifest_and_idempotence(run):
-    from deftrec.batch.index_job import run_index_job
     from deftrec.artifacts.model import load_model
+    from deftrec.batch.index_job import run_index_job
 
     m = read_manifest(run / "index")
     model = load_model(run / "model")
@@ -89,10 +89,10 @@ def _hand_metrics(lists: np.ndarray, targets: np.ndarray, k: int) -> tuple[float
 
 
 def test_evaluation_metrics_recs_and_determinism(run):
-    from deftrec.data.samples import load_dataset
-    from deftrec.config.jobs import EvaluateJobConfig
-    from deftrec.batch.evaluate import run_evaluation
     from deftrec.artifacts.model import load_model
+    from deftrec.batch.evaluate import run_evaluation
+    from deftrec.config.jobs import EvaluateJobConfig
+    from deftrec.data.samples import load_dataset
     from deftrec.retrieval.recommender import DeftRecRecommender
 
     m1 = run_evaluation(run, EvaluateJobConfig(limit=60, batch_size=16, seed=3), log=lambda s: None)
@@ -130,7 +130,8 @@ def test_evaluation_metrics_recs_and_determinism(run):
     for row, h in zip(np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False)), es.histories):
         assert not set(row.tolist()) & set(h.tolist())
     # a fixed seed gives identical metrics and lists twice
-    m2 = run_evaluation(run, EvaluateJobConfig(limit=60, batch_size=16, seed=3, actors=1), log=lambda s: None)
+    m2 = run_evaluation(run, EvaluateJobConfig(limit=60, batch_size=16, seed=3, actors=1), log=lambda s: None,
+                        force=True)
     assert m2["results"] == m1["results"]
     recs2 = pq.read_table(out / "recs.parquet").sort_by("user")
     np.testing.assert_array_equal(np.stack(recs2.column("items_excluded").to_numpy(zero_copy_only=False)),
@@ -138,8 +139,8 @@ def test_evaluation_metrics_recs_and_determinism(run):
 
 
 def test_evaluation_refuses_missing_stages(tmp_path):
-    from deftrec.config.jobs import EvaluateJobConfig
     from deftrec.batch.evaluate import run_evaluation
+    from deftrec.config.jobs import EvaluateJobConfig
     from deftrec.core.artifacts import ArtifactError
 
     with pytest.raises(ArtifactError, match="model export"):
@@ -170,8 +171,8 @@ def _users(run) -> list[str]:
 
 
 def test_endpoint_matches_batch_evaluation(run, server):
-    from deftrec.config.jobs import EvaluateJobConfig
     from deftrec.batch.evaluate import run_evaluation
+    from deftrec.config.jobs import EvaluateJobConfig
 
     run_evaluation(run, EvaluateJobConfig(limit=8, batch_size=4), log=lambda s: None)  # the model's own seed
     recs = pq.read_table(run / "eval" / "recs.parquet").sort_by("user")
@@ -281,10 +282,10 @@ def v2(run):
 
 def _swap_under_load(run, client, prefix: str, redeploy, v2_model) -> None:
     """Four clients post continuously while ``redeploy()`` swaps in v2; every request must succeed."""
-    from deftrec.core.artifacts import model_version
+    from deftrec.core.artifacts import artifact_version
 
     old = client.get(f"{prefix}/healthz").json()["model_version"]
-    assert model_version(v2_model) != old
+    assert artifact_version(v2_model) != old
     users = _users(run)
     stop, statuses, versions = threading.Event(), [], set()
 
@@ -308,7 +309,7 @@ def _swap_under_load(run, client, prefix: str, redeploy, v2_model) -> None:
     for t in threads:
         t.join()
     assert statuses and all(s == 200 for s in statuses), {s for s in statuses}
-    assert model_version(v2_model) in versions and client.get(f"{prefix}/healthz").json()["model_version"] != old
+    assert artifact_version(v2_model) in versions and client.get(f"{prefix}/healthz").json()["model_version"] != old
 
 
 def test_version_swap_under_load_drops_nothing(run, server, v2):
@@ -332,7 +333,7 @@ def test_fused_topology_answers_batches_and_swaps(run, server, v2):
         serve.run(build_app(str(run), num_cpus=0, max_batch_size=16, batch_wait_timeout_s=0.05, topology="fused",
                             user_config=user_config), name="fused", route_prefix="/fused")
 
-    from deftrec.serve.engine import ServingCatalog, Query, RecommenderEngine
+    from deftrec.serve.engine import Query, RecommenderEngine, ServingCatalog
 
     engine = RecommenderEngine(run / "model", run / "index")  # the same model, in this process
     catalog = ServingCatalog(run / "data")

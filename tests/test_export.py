@@ -15,14 +15,23 @@ import numpy as np
 import pytest
 import torch
 
+from deftrec.artifacts.model import (
+    export_checkpoint,
+    export_model,
+    load_consolidated,
+    load_model,
+)
 from deftrec.config.pipeline import load_deftrec_config
-from deftrec.data.samples import ItemCatalog, Ragged
-from deftrec.training.checkpoint import STATE_FILE, WEIGHTS_FILE, TrainerState, consolidated_state
-from deftrec.artifacts.model import load_consolidated
-from deftrec.artifacts.model import export_checkpoint, export_model, load_model
 from deftrec.core.artifacts import ArtifactError, read_manifest, verify_outputs
+from deftrec.data.samples import ItemCatalog, Ragged
 from deftrec.model.deftrec import DeftRec
 from deftrec.retrieval.recommender import DeftRecRecommender
+from deftrec.training.checkpoint import (
+    STATE_FILE,
+    WEIGHTS_FILE,
+    TrainerState,
+    consolidated_state,
+)
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from deftrec.config.jobs import IndexConfig
-from deftrec.retrieval.index import build_index, describe, exact_topk, load_index, recall_at_k, save_index, search
+from deftrec.retrieval.index import (
+    build_index,
+    describe,
+    exact_topk,
+    load_index,
+    recall_at_k,
+    save_index,
+    search,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deftrec.model.lightgcn import LightGCN, _InteractionSet, build_norm_adj, epoch_shard, hit_rate_at_k, sample_negatives, train_lightgcn
 from deftrec.config.components import LightGCNConfig
+from deftrec.model.lightgcn import LightGCN, build_norm_adj
+from deftrec.training.lightgcn import (
+    _InteractionSet,
+    epoch_shard,
+    hit_rate_at_k,
+    sample_negatives,
+    train_lightgcn,
+)
 
 torch.set_num_threads(1)
 

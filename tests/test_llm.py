@@ -10,12 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from deftrec.model import llm as llm_mod
+from deftrec.config.components import LLMConfig, PromptConfig, default_cache_dir
 from deftrec.core.cache import MANIFEST_NAME, materialize_cache_dir
-from deftrec.config.components import LLMConfig, default_cache_dir
-from deftrec.model.llm import add_placeholder_tokens, apply_lora, build_llm, load_llm, lora_target_modules
-from deftrec.config.components import PromptConfig
-from deftrec.model.prompts import build_generation_batch, build_inputs_embeds, build_training_batch
+from deftrec.model import llm as llm_mod
+from deftrec.model.llm import (
+    add_placeholder_tokens,
+    apply_lora,
+    build_llm,
+    load_llm,
+    lora_target_modules,
+    torch_dtype,
+)
+from deftrec.model.prompts import (
+    build_generation_batch,
+    build_inputs_embeds,
+    build_training_batch,
+)
 
 torch.set_num_threads(1)
 
@@ -61,7 +71,7 @@ def test_config_validation_and_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("DEFTREC_CACHE", str(tmp_path))
     assert LLMConfig().cache_dir == tmp_path / "models"
     assert LLMConfig(cache_dir=tmp_path / "x").cache_dir == tmp_path / "x"
-    assert LLMConfig(dtype="bfloat16").torch_dtype() is torch.bfloat16
+    assert torch_dtype(LLMConfig(dtype="bfloat16")) is torch.bfloat16
 
 
 def test_materialize_cache_dir_is_atomic(tmp_path):

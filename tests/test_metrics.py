@@ -8,7 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from deftrec.retrieval.metrics import evaluate_both_protocols, evaluate_in_chunks, evaluate_scores, evaluate_topk, hit_rate, mask_history, mrr, ndcg, target_ranks, topk
+from deftrec.retrieval.metrics import (
+    evaluate_both_protocols,
+    evaluate_in_chunks,
+    evaluate_scores,
+    evaluate_topk,
+    hit_rate,
+    mask_history,
+    mrr,
+    ndcg,
+    target_ranks,
+    topk,
+)
 
 # ---------------------------------------------------------------- golden toy example
 # 6 items, 3 users. Orderings written out by hand (ties -> lower index first):

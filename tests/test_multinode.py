@@ -27,13 +27,13 @@ def _cluster_main(work: str) -> None:
     from ray.cluster_utils import Cluster
 
     from deftrec.artifacts.collab import save_collab
-    from deftrec.data.samples import load_dataset
+    from deftrec.config.pipeline import load_pipeline_config
     from deftrec.config.training import DistributedConfig
+    from deftrec.core.cluster import configure_data_context
+    from deftrec.data.samples import load_dataset
+    from deftrec.end_to_end import run_pipeline
     from deftrec.training.checkpoint import read_trainer_state
     from deftrec.training.driver import train_distributed
-    from deftrec.config.pipeline import load_pipeline_config
-    from deftrec.end_to_end import run_pipeline
-    from deftrec.core.cluster import configure_data_context
     from deftrec.training.local import fit_collab
 
     work_dir = Path(work)

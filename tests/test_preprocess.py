@@ -13,12 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deftrec.core.config import from_dict
 from deftrec.config.data import PreprocessConfig
-from deftrec.data.preprocess import build_splits, run_preprocess, sort_key_ids
-from deftrec.data.readers import hash_strings
-from deftrec.data.reference import reference_preprocess
 from deftrec.core.artifacts import read_manifest, verify_outputs
+from deftrec.core.config import from_dict
+from deftrec.data.preprocess import run_preprocess
+from deftrec.data.reference import reference_preprocess
+from deftrec.data.splits import build_splits, sort_key_ids
+from deftrec.data.validation import hash_strings
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

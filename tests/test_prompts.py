@@ -5,9 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deftrec.model.llm import PlaceholderIds, add_placeholder_tokens, item_placeholder, user_placeholder
-from deftrec.model.prompts import DATASET_DOMAINS, build_generation_batch, build_inputs_embeds, build_training_batch, clean_title, domain_for_dataset, gather_placeholder_values, render_history_item, render_prompt, render_response, splice_continuous_tokens
 from deftrec.config.components import PromptConfig
+from deftrec.model.llm import (
+    PlaceholderIds,
+    add_placeholder_tokens,
+    item_placeholder,
+    user_placeholder,
+)
+from deftrec.model.prompts import (
+    DATASET_DOMAINS,
+    build_generation_batch,
+    build_inputs_embeds,
+    build_training_batch,
+    clean_title,
+    domain_for_dataset,
+    gather_placeholder_values,
+    render_history_item,
+    render_prompt,
+    render_response,
+    splice_continuous_tokens,
+)
 
 torch.set_num_threads(1)
 

@@ -9,9 +9,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deftrec.data.preprocess import build_splits
-from deftrec.data.samples import ItemCatalog, Ragged, build_training_samples, load_dataset, training_pairs
 from deftrec.core.artifacts import ArtifactError, finish_manifest
+from deftrec.data.samples import (
+    ItemCatalog,
+    Ragged,
+    build_training_samples,
+    load_dataset,
+    training_pairs,
+)
+from deftrec.data.splits import build_splits
 
 # Full chronological sequences (user -> items). Test target s[-1], valid s[-2], training part s[:-2].
 SEQS = {

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deftrec.model.tokenizer import ContinuousTokenizer
 from deftrec.config.components import ContinuousTokenizerConfig
+from deftrec.model.tokenizer import ContinuousTokenizer
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""The collaborative-embedding artifact (method.md section 1) and the LightGCN Ray Train job.
+"""The collaborative-embedding artifact (method.md section 1): save, load and its fingerprint.
 
 Artifact layout (``RUN_DIR/collab``), written atomically with :func:`deftrec.io.atomic_directory`
 and a manifest written last, so an interrupted job never leaves a directory that looks finished::
@@ -9,30 +9,30 @@ and a manifest written last, so an interrupted job never leaves a directory that
     history.json      one record per epoch: loss, and HR@10 on evaluated epochs
     manifest.json     status, fingerprint (config + data), shapes, best HR@10, checksums
 
-The job (:func:`train_collab_distributed`) runs :func:`deftrec.model.lightgcn.train_lightgcn` in
-every worker of a TorchTrainer: the process group Ray Train sets up makes it wrap the objective
-in DDP and shard the (user, item) pairs by rank. Rank 0 hands the embeddings back through a Ray
-Train checkpoint; the driver writes the artifact.
+The LightGCN Ray Train job that writes it is :mod:`deftrec.training.collab_job`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from deftrec.core.config import from_dict, to_dict
-from deftrec.core.artifacts import ArtifactError, atomic_directory, finish_manifest, read_manifest
 from deftrec.config.components import LightGCNConfig
+from deftrec.core.artifacts import (
+    ArtifactError,
+    artifact_id,
+    atomic_directory,
+    finish_manifest,
+    read_manifest,
+    stage_fingerprint,
+)
+from deftrec.core.config import from_dict, to_dict
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ["CollabArtifact", "collab_fingerprint", "load_collab", "save_collab", "train_collab_distributed"]
+__all__ = ["CollabArtifact", "collab_fingerprint", "load_collab", "save_collab"]
 
 _FILES = ("user_emb.npy", "item_emb.npy", "config.json", "history.json")
 
@@ -54,12 +54,10 @@ class CollabArtifact:
 
 
 def collab_fingerprint(cfg: LightGCNConfig, data_dir: str | Path) -> str:
-    """Hash of the LightGCN config (device excluded) and the preprocessed data's identity."""
-    m = read_manifest(data_dir)
-    data_id = m.get("fingerprint") or {k: v.get("sha256") for k, v in m.get("outputs", {}).items()}
+    """The collab stage's identity: the LightGCN config (device excluded) and the preprocessed data."""
     c = to_dict(cfg)
     c.pop("device", None)
-    return hashlib.sha256(json.dumps({"config": c, "data": data_id}, sort_keys=True).encode()).hexdigest()[:16]
+    return stage_fingerprint(c, {"data": artifact_id(data_dir)})
 
 
 def save_collab(out_dir: str | Path, user_emb: np.ndarray, item_emb: np.ndarray, cfg: LightGCNConfig,
@@ -96,8 +94,3 @@ def load_collab(path: str | Path) -> CollabArtifact:
     cfg = from_dict(LightGCNConfig, json.loads((root / "config.json").read_text()), "collab")
     history = json.loads((root / "history.json").read_text())
     return CollabArtifact(U, E, cfg, history, manifest)
-
-
-# --------------------------------------------------------------------------------------------- Ray job
-
-

@@ -29,13 +29,21 @@ import numpy as np
 import torch
 
 from deftrec.config.model import DeftRecConfig
+from deftrec.core.artifacts import (
+    ArtifactError,
+    atomic_directory,
+    finish_manifest,
+    read_manifest,
+    require_files,
+    verify_outputs,
+)
 from deftrec.core.config import from_dict, to_dict
-from deftrec.core.artifacts import ArtifactError, atomic_directory, finish_manifest, read_manifest, require_files, verify_outputs
 
 if TYPE_CHECKING:
     from deftrec.data.samples import ItemCatalog
     from deftrec.model.deftrec import DeftRec
 from typing import TYPE_CHECKING
+
 if TYPE_CHECKING:
 
     from deftrec.data.samples import ItemCatalog
@@ -152,6 +160,18 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: 
     return export_model(model, out_dir, extra=info)
 
 
+def load_item_keys(path: str | Path) -> np.ndarray:
+    """The export's item matrix E [n_items, d_c] (float32): the keys retrieval ranks against.
+
+    Reads ``collab.safetensors`` only: no LLM, no torch model is built.
+    """
+    from safetensors.numpy import load_file as load_numpy
+
+    root = Path(path)
+    read_manifest(root, files=("collab.safetensors",))
+    return np.ascontiguousarray(load_numpy(str(root / "collab.safetensors"))["item_emb"], dtype=np.float32)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", verify: bool = False) -> DeftRec:
     """Load an export as a :class:`DeftRec` in eval mode (no DeepSpeed, no Ray).
 
@@ -164,7 +184,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
 
     from deftrec.data.samples import ItemCatalog
     from deftrec.model.deftrec import DeftRec
-    from deftrec.model.llm import PlaceholderIds
+    from deftrec.model.llm import PlaceholderIds, torch_dtype
 
     root = Path(path)
     manifest = read_manifest(root)  # raises unless the export finished
@@ -179,7 +199,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
     d["llm"]["name_or_path"] = str(root / "llm")
     d["train"]["device"] = str(device)
     cfg = from_dict(DeftRecConfig, d, "config")
-    llm = AutoModelForCausalLM.from_pretrained(str(root / "llm"), dtype=cfg.llm.torch_dtype())
+    llm = AutoModelForCausalLM.from_pretrained(str(root / "llm"), dtype=torch_dtype(cfg.llm))
     tok = AutoTokenizer.from_pretrained(str(root / "llm"))
     p = json.loads((root / "placeholders.json").read_text())
     ph = PlaceholderIds(diff_open=p["diff_open"], diff_close=p["diff_close"], item=tuple(p["item"]),

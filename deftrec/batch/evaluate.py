@@ -1,10 +1,5 @@
-"""Batch item embedding + FAISS index job, and batch evaluation with a report (both on Ray Data).
-
-Index job (``run_index_job``): ``items.parquet`` -> ``map_batches`` over an actor pool whose actors
-load the model once and emit each item's key in the retrieval space -> ``index/item_keys.parquet``
--> a FAISS index from the configured factory string -> ``index/manifest.json`` (factory, search
-parameters, items, dim, model version, recall@10 against exact search). Idempotent: a complete
-index for the same model version and config is left alone unless forced.
+"""Batch evaluation on Ray Data: recommendations for a split's users, metrics beside the
+baselines, and a report.
 
 Evaluation job (``run_evaluation``): the split's users -> ``map_batches`` over an actor pool holding
 model + index: prompt with continuous tokens, (greedy reasoning), condition, diffusion sampling,
@@ -24,7 +19,7 @@ from those lists and put beside popularity / Markov / EASE on the same users -> 
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,77 +28,56 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deftrec.core.config import to_dict
-from deftrec.config.jobs import IndexConfig
-from deftrec.retrieval.index import load_index, search
-from deftrec.core.artifacts import ArtifactError, atomic_directory, finish_manifest, is_complete, read_manifest
+from deftrec.artifacts.served import load_version
+from deftrec.batch.report import KS, PROTOCOL, format_table, write_report
 from deftrec.config.jobs import EvaluateJobConfig
-from deftrec.batch.report import KS, PROTOCOL, format_table
-from deftrec.core.artifacts import model_version
-from deftrec.batch.report import write_report
-
-
-
-def _load_model(model_dir: str):
-    from deftrec.artifacts.model import load_model
-
-    return load_model(model_dir)
-
-
-# ------------------------------------------------------------------------------------ index job
-
-
-# ------------------------------------------------------------------------------------ evaluation
+from deftrec.core.artifacts import (
+    ArtifactError,
+    artifact_id,
+    artifact_version,
+    atomic_directory,
+    finish_manifest,
+    is_complete,
+    read_manifest,
+    stage_fingerprint,
+    up_to_date,
+    write_json_atomic,
+)
+from deftrec.core.config import to_dict
 
 
 class BatchRecommender:
-    """Ray Data actor: model + index loaded once; one call = one batch of users, every stage batched."""
+    """Ray Data actor: one loaded version (model + index); one call = one batch of users through
+    the shared retrieval path, searched with and without history exclusion."""
 
     def __init__(self, model_dir: str, index_dir: str, sampler: Optional[str], steps: Optional[int],
                  seed: Optional[int], explain: bool, k: int, loader: Optional[Callable] = None):
-        from deftrec.retrieval.recommender import DeftRecRecommender
-
-        t0 = time.time()
-        self.model = (loader or _load_model)(model_dir)
-        self.model.eval()
-        ecfg = self.model.cfg.eval
-        changes = {}
-        if sampler is not None:
-            changes["sampler"] = sampler
-        if steps is not None or sampler == "ddpm":
-            changes["steps"] = steps if sampler != "ddpm" else None
-        if seed is not None:
-            changes["seed"] = seed
-        self.rec = DeftRecRecommender(self.model, dataclasses.replace(ecfg, **changes) if changes else ecfg)
-        imanifest = read_manifest(index_dir)
-        self.index = load_index(index_dir, IndexConfig(**imanifest["config"]))
-        self.metric = imanifest["metric"]
+        self.version = load_version(model_dir, index_dir, loader=loader, sampler=sampler, steps=steps, seed=seed)
         self.explain, self.k = explain, k
-        self.load_seconds = time.time() - t0  # reported once, with this actor's first batch
+        self.load_seconds = self.version.load_seconds  # reported once, with this actor's first batch
 
     def __call__(self, batch: dict) -> dict:
+        v = self.version
         users = np.array(batch["user"], dtype=np.int64)  # a writable copy: torch wraps it
         histories = [np.asarray(h, dtype=np.int64) for h in batch["history"]]
-        t0 = time.time()
-        cond, text = self.rec.conditions(histories, users=users if self.model.cfg.tokenizer.user_tokens else None,
-                                         explain=self.explain)
-        t1 = time.time()
-        x0 = self.rec.sample(cond, users)
-        query = (x0.float() / self.model.x0_scale).cpu().numpy()
-        t2 = time.time()
-        ex_ids, ex_sc = search(self.index, query, self.k, self.metric, exclude=histories)
-        kp_ids, kp_sc = search(self.index, query, self.k, self.metric)
-        t3 = time.time()
+        q = v.recommender.queries(histories, users=users if v.uses_user_tokens else None, keys=users,
+                                  explain=self.explain)
+        t0 = time.perf_counter()
+        ex_ids, ex_sc = v.searcher.search(q.vectors, self.k, exclude=histories)
+        kp_ids, kp_sc = v.searcher.search(q.vectors, self.k)
+        t_search = time.perf_counter() - t0
         n = len(users)
         load, self.load_seconds = self.load_seconds, 0.0
-        ecfg = self.rec.cfg
+        ecfg = v.recommender.cfg
+        text = q.reasoning
         return {
             "user": users, "target": np.asarray(batch["target"], dtype=np.int64),
             "items_excluded": list(ex_ids), "scores_excluded": list(ex_sc),
             "items_kept": list(kp_ids), "scores_kept": list(kp_sc),
             "reasoning": np.array(text if text is not None else [None] * n, dtype=object),
-            "seconds_condition": np.full(n, (t1 - t0) / n), "seconds_sample": np.full(n, (t2 - t1) / n),
-            "seconds_search": np.full(n, (t3 - t2) / n), "seconds_load": np.full(n, load / n),
+            "seconds_condition": np.full(n, q.seconds["condition"] / n),
+            "seconds_sample": np.full(n, q.seconds["sample"] / n),
+            "seconds_search": np.full(n, t_search / n), "seconds_load": np.full(n, load / n),
             "sampler": np.array([ecfg.sampler] * n), "steps": np.full(n, ecfg.steps if ecfg.steps else -1),
             "seed": np.full(n, ecfg.seed),
         }
@@ -126,72 +100,98 @@ def _select(m: dict, ks=KS) -> dict:
     return {f"{name}@{k}": float(m[f"{name}@{k}"]) for k in ks for name in ("hr", "ndcg")}
 
 
-def run_evaluation(run_dir: str | Path, cfg: EvaluateJobConfig, log: Callable = print,
-                   loader: Optional[Callable] = None) -> dict:
+def evaluation_fingerprint(run_dir: str | Path, cfg: EvaluateJobConfig) -> str:
+    """The evaluation stage's identity: its config and the data, model and index it reads."""
+    run_dir = Path(run_dir)
+    return stage_fingerprint(to_dict(cfg), {name: artifact_id(run_dir / d) for name, d in
+                                            (("data", "data"), ("model", "model"), ("index", "index"))})
+
+
+def _user_rows(es) -> pa.Table:
+    return pa.table({"user": pa.array(es.users, pa.int64()),
+                     "history": pa.array([h.tolist() for h in es.histories], pa.list_(pa.int64())),
+                     "target": pa.array(es.targets, pa.int64())})
+
+
+def _recommend_users(rows: pa.Table, run_dir: Path, cfg: EvaluateJobConfig, out: Path,
+                     loader: Optional[Callable]) -> pa.Table:
+    """DeftRec's top-K lists for every row (Ray Data actor pool), written to ``out/recs.parquet``."""
     import ray
 
+    n = rows.num_rows
+    ds = ray.data.from_arrow(rows).repartition(max(1, min(n // cfg.batch_size, 4 * cfg.actors)))
+    ds = ds.map_batches(
+        BatchRecommender,
+        fn_constructor_kwargs=dict(model_dir=str(run_dir / "model"), index_dir=str(run_dir / "index"),
+                                   sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, explain=cfg.explain,
+                                   k=max(KS), loader=loader),
+        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor, batch_format="numpy")
+    ds.write_parquet(str(out / "recs.parquet"))
+    recs = pq.read_table(out / "recs.parquet").sort_by("user")
+    if recs.num_rows != n:
+        raise RuntimeError(f"evaluation produced {recs.num_rows} rows for {n} users")
+    return recs
+
+
+def _baseline_results(data, es, split: str) -> dict:
+    """Popularity, Markov and EASE on the same users: fit on every user's sequence before the
+    split's target, scored with each user's full history."""
     from deftrec.batch.baselines import run_baselines
-    from deftrec.data.samples import load_dataset
+
+    fit = data.sequences_before(split)
+    full_hist = fit[np.searchsorted(data.users, es.users)]
+    base = run_baselines(list(fit), list(full_hist), es.targets, data.n_items, KS)
+    return {name: {p: _select(v) for p, v in protos.items()} for name, protos in base.items()}
+
+
+def run_evaluation(run_dir: str | Path, cfg: EvaluateJobConfig, log: Callable = print,
+                   loader: Optional[Callable] = None, force: bool = False) -> dict:
+    """Evaluate ``run_dir/model`` (with ``run_dir/index``) on ``cfg.split`` into ``run_dir/eval``.
+
+    Skipped, returning the stored metrics, when ``run_dir/eval`` is up to date for the same config,
+    data, model and index (``force`` re-evaluates).
+    """
     from deftrec.core.cluster import ensure_ray
+    from deftrec.data.samples import load_dataset
 
     run_dir = Path(run_dir)
     model_dir, index_dir, out = run_dir / "model", run_dir / "index", run_dir / "eval"
     for d, what in ((model_dir, "model export (pipelines.train)"), (index_dir, "index (pipelines.index)")):
         if not is_complete(d):
             raise ArtifactError(f"{d}: no complete {what}; run that stage first")
+    fp = evaluation_fingerprint(run_dir, cfg)
+    if not force and up_to_date(out, fp):
+        log(f"[evaluate] {out} is up to date (same config, data, model and index); --force re-evaluates")
+        return json.loads((out / "metrics.json").read_text())
     ensure_ray()
     t_all = time.time()
     data = load_dataset(run_dir / "data")
     es = data.split(cfg.split)
-    positions = np.arange(len(es)) if cfg.limit is None else np.arange(min(cfg.limit, len(es)))
-    es = es.subset(positions)
-    k = max(KS)
-    rows = pa.table({"user": pa.array(es.users, pa.int64()),
-                     "history": pa.array([h.tolist() for h in es.histories], pa.list_(pa.int64())),
-                     "target": pa.array(es.targets, pa.int64())})
+    es = es.subset(np.arange(len(es) if cfg.limit is None else min(cfg.limit, len(es))))
     log(f"[evaluate] {cfg.split}: {len(es):,} users, batch {cfg.batch_size}, {cfg.actors} actor(s)")
     with atomic_directory(out, overwrite=True) as tmp:
-        ds = ray.data.from_arrow(rows).repartition(max(1, min(len(es) // cfg.batch_size, 4 * cfg.actors)))
-        ds = ds.map_batches(
-            BatchRecommender,
-            fn_constructor_kwargs=dict(model_dir=str(model_dir), index_dir=str(index_dir), sampler=cfg.sampler,
-                                       steps=cfg.steps, seed=cfg.seed, explain=cfg.explain, k=k, loader=loader),
-            batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
-            num_gpus=cfg.gpus_per_actor, batch_format="numpy")
-        ds.write_parquet(str(tmp / "recs.parquet"))
-        recs = pq.read_table(tmp / "recs.parquet").sort_by("user")
-        if recs.num_rows != len(es):
-            raise RuntimeError(f"evaluation produced {recs.num_rows} rows for {len(es)} users")
+        recs = _recommend_users(_user_rows(es), run_dir, cfg, tmp, loader)
         seconds = {s: float(np.sum(recs.column(f"seconds_{s}").to_numpy()))
                    for s in ("load", "condition", "sample", "search")}
-        results = {"deftrec": metrics_from_recs(recs)}
         t0 = time.time()
-        fit = data.sequences_before(cfg.split)
-        pos_in_data = np.searchsorted(data.users, es.users)
-        full_hist = fit[pos_in_data]
-        base = run_baselines(list(fit), list(full_hist), es.targets, data.n_items, KS)
-        for name, protos in base.items():
-            results[name] = {p: _select(v) for p, v in protos.items()}
+        results = {"deftrec": metrics_from_recs(recs), **_baseline_results(data, es, cfg.split)}
         seconds["baselines"] = time.time() - t0
         top10 = np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False))[:, :10]
-        coverage = float(np.unique(top10[top10 >= 0]).size / data.n_items)
         seconds["total"] = time.time() - t_all
         steps = int(recs.column("steps")[0].as_py())
         metrics = {
             "schema_version": 1, "split": cfg.split, "users": int(len(es)),
             "sampler": recs.column("sampler")[0].as_py(), "steps": steps if steps > 0 else None,
-            "seed": int(recs.column("seed")[0].as_py()), "k": k,
-            "seconds": {s: round(v, 3) for s, v in seconds.items()}, "coverage": coverage,
-            "results": results, "model_version": model_version(model_dir),
+            "seed": int(recs.column("seed")[0].as_py()), "k": max(KS),
+            "seconds": {s: round(v, 3) for s, v in seconds.items()},
+            "coverage": float(np.unique(top10[top10 >= 0]).size / data.n_items),
+            "results": results, "model_version": artifact_version(model_dir),
             "index_version": read_manifest(index_dir).get("version"), "protocol": PROTOCOL,
         }
-        from deftrec.core.artifacts import write_json_atomic
-
         write_json_atomic(tmp / "metrics.json", metrics)
         write_report(metrics, tmp)
-        finish_manifest(tmp, {"kind": "evaluation", "schema_version": 1, "config": to_dict(cfg),
+        finish_manifest(tmp, {"kind": "evaluation", "schema_version": 1, "config": to_dict(cfg), "fingerprint": fp,
                               "model_version": metrics["model_version"], "index_version": metrics["index_version"]})
     log(format_table(metrics))
     return metrics
-
-

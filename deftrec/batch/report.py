@@ -1,7 +1,11 @@
-"""deftrec.batch.report."""
+"""Reports of an evaluation: the console table, ``report.md`` (tables, protocol, timings) and
+``report.png`` (NDCG@10 / HR@10 bars), and the protocol stated in all of them.
+"""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 import numpy as np
 
 KS = (5, 10, 20)

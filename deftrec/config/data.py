@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Optional
+
 #: Named categories the synthetic generator knows (deftrec.data.synth.CATEGORIES).
 SYNTH_CATEGORIES = 12
 

@@ -1,6 +1,11 @@
-"""deftrec.config.jobs."""
+"""The batch jobs' settings: the FAISS index job (``index:``) and the evaluation job (``evaluate:``).
+
+``evaluate.sampler``/``steps``/``seed`` override the model's own inference settings (``eval:``,
+:class:`deftrec.config.model.InferenceConfig`) for one evaluation run; None keeps them.
+"""
 
 from __future__ import annotations
+
 import dataclasses
 from typing import Optional
 

@@ -3,12 +3,13 @@
 One validated dataclass per concern, composed into :class:`DeftRecConfig`:
 
 ==============  =====================================================================
-``collab``      :class:`~deftrec.model.lightgcn.LightGCNConfig` (d_c = ``collab.dim``)
-``llm``         :class:`~deftrec.model.llm.LLMConfig`
-``prompt``      :class:`~deftrec.model.prompts.PromptConfig` (K / combine / user slots
+``collab``      :class:`~deftrec.config.components.LightGCNConfig` (d_c = ``collab.dim``)
+``llm``         :class:`~deftrec.config.components.LLMConfig`
+``prompt``      :class:`~deftrec.config.components.PromptConfig` (K / combine / user slots
                 are derived from ``tokenizer``)
-``tokenizer``   :class:`TokenizerSettings` (K, mask_ratio, combine, user_tokens)
-``diffusion``   :class:`DiffusionSettings` (DiffusionConfig minus the derived d_c/cond_dim)
+``tokenizer``   :class:`~deftrec.config.components.ContinuousTokenizerConfig` (K, mask_ratio,
+                combine, user_tokens, hidden)
+``diffusion``   :class:`~deftrec.config.components.DiffusionConfig` (schedule, denoiser, loss)
 ``condition``   ``"prompt_state"`` | ``"response_embeddings"`` | ``"hidden_states"``
 ``train``       :class:`TrainConfig`
 ``eval``        :class:`InferenceConfig`
@@ -16,10 +17,11 @@ One validated dataclass per concern, composed into :class:`DeftRecConfig`:
 
 Derived fields are filled after init, like Hugging Face configs: ``d_c`` comes from
 ``collab.dim``; ``d_llm`` (the LLM hidden size, also the diffusion condition size) is unknown
-until the LLM is loaded and is set by :meth:`DeftRecConfig.with_d_llm`; the component configs
-(:class:`~deftrec.model.tokenizer.ContinuousTokenizerConfig`,
-:class:`~deftrec.model.diffusion.DiffusionConfig`) are then built by
-:meth:`DeftRecConfig.tokenizer_config` / :meth:`DeftRecConfig.diffusion_config`.
+until the LLM is loaded and is set by :meth:`DeftRecConfig.with_d_llm`.
+:meth:`DeftRecConfig.tokenizer_config` / :meth:`DeftRecConfig.diffusion_config` then return the
+``tokenizer`` / ``diffusion`` sections with their derived fields filled (d_c, d_llm / cond_dim, and
+the sampling defaults from ``eval``); the sections themselves, and so the serialised config, never
+hold derived values.
 
 Presets live in ``pipelines/configs/*.yaml`` next to the pipeline's ``data`` and ``stages``
 sections; :func:`load_deftrec_config` reads one (with ``a.b=value`` overrides).
@@ -31,24 +33,23 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from deftrec.config.components import DiffusionConfig
-from deftrec.config.components import LightGCNConfig
-from deftrec.config.components import LLMConfig
-from deftrec.config.components import PromptConfig
-from deftrec.config.components import ContinuousTokenizerConfig
+from deftrec.config.components import (
+    SAMPLERS,
+    ContinuousTokenizerConfig,
+    DiffusionConfig,
+    LightGCNConfig,
+    LLMConfig,
+    PromptConfig,
+)
 from deftrec.config.training import TrainConfig
-from deftrec.core.config import _nonneg_float
-from deftrec.core.config import _pos_int
+from deftrec.core.config import _nonneg_float, _pos_int
 
 __all__ = [
     "CONDITIONS",
     "GENERATIVE_CONDITIONS",
     "DeftRecConfig",
-    "DiffusionSettings",
     "InferenceConfig",
-    "TokenizerSettings",
     "TrainConfig",
-    "load_deftrec_config",
 ]
 
 #: Condition types (method.md section 4).
@@ -58,70 +59,6 @@ GENERATIVE_CONDITIONS = ("response_embeddings", "hidden_states")
 
 
 # --------------------------------------------------------------------------------------------- sections
-
-
-@dataclass
-class TokenizerSettings:
-    """Continuous tokenizer settings (method.md section 2); d_c and d_llm are derived."""
-
-    K: int = 2  # continuous tokens per entity (parallel branches)
-    mask_ratio: float = 0.1  # per-feature zeroing probability while training
-    combine: Literal["none", "sum"] = "none"  # "sum": the K branch outputs form one token
-    user_tokens: bool = False  # add a user slot filled from the LightGCN user matrix U
-    hidden: int | None = None  # residual MLP width; None -> d_c
-
-    def __post_init__(self) -> None:
-        _pos_int("tokenizer", "K", self.K)
-        _pos_int("tokenizer", "hidden", self.hidden, allow_none=True)
-        _nonneg_float("tokenizer", "mask_ratio", self.mask_ratio, upper=1.0)
-        if self.combine not in ("none", "sum"):
-            raise ValueError(f"tokenizer.combine must be 'none' or 'sum', got {self.combine!r}")
-
-
-@dataclass
-class DiffusionSettings:
-    """:class:`DiffusionConfig` minus the derived ``d_c``/``cond_dim`` (and minus the sampler, see
-    :class:`InferenceConfig`).
-
-    ``x0_norm``: ``"none"`` (default, the method) diffuses the raw LightGCN embeddings, x0 = E[i];
-    ``"std"`` divides E by its global standard deviation first (the scale-factor trick of latent
-    diffusion), giving x0 the per-feature scale of the N(0, I) noise whatever d_c and the LightGCN
-    initialisation are. Retrieval is unaffected (L2 and inner-product rankings are invariant to a
-    global positive scale). On the synthetic benchmark both give the same quality.
-
-    ``batch_mul``: each training sample's diffusion loss is evaluated with this many independent
-    (t, eps, negative) draws against the same condition (MAR's ``diffusion_batch_mul``, Li et al.
-    2024). The LLM forward is paid once, the small denoiser R times, and the head's gradient
-    variance drops ~R-fold; 1 is the authors' setting.
-    """
-
-    T: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    hidden: int = 512
-    n_blocks: int = 2
-    dropout: float = 0.2
-    time_dim: int = 128
-    n_neg: int = 10
-    lambda_neg: float = 0.5
-    cond_dropout: float = 0.0
-    x0_norm: Literal["none", "std"] = "none"
-    batch_mul: int = 1
-
-    def __post_init__(self) -> None:
-        _pos_int("diffusion", "batch_mul", self.batch_mul)
-        if self.x0_norm not in ("none", "std"):
-            raise ValueError(f"diffusion.x0_norm must be 'none' or 'std', got {self.x0_norm!r}")
-        try:  # one source of truth for the numeric checks: DiffusionConfig's own validation
-            self.build(d_c=1, cond_dim=1)
-        except ValueError as e:
-            raise ValueError(str(e).replace("DiffusionConfig.", "diffusion.")) from None
-
-    def build(self, d_c: int, cond_dim: int, sampler: str = "ddim", ddim_steps: int = 1,
-              ddim_eta: float = 0.0, guidance_w: float = 0.0) -> DiffusionConfig:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("x0_norm", "batch_mul")}
-        return DiffusionConfig(d_c=d_c, cond_dim=cond_dim, sampler=sampler, ddim_steps=ddim_steps,
-                               ddim_eta=ddim_eta, guidance_w=guidance_w, **fields)
 
 
 @dataclass
@@ -140,7 +77,7 @@ class InferenceConfig:
     seed: int = 0  # noise seed of evaluation runs
 
     def __post_init__(self) -> None:
-        if self.sampler not in ("ddim", "ddpm"):
+        if self.sampler not in SAMPLERS:
             raise ValueError(f"eval.sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
         _pos_int("eval", "steps", self.steps, allow_none=True)
         if self.sampler == "ddim" and self.steps is None:
@@ -176,8 +113,8 @@ class DeftRecConfig:
     collab: LightGCNConfig = field(default_factory=LightGCNConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    tokenizer: TokenizerSettings = field(default_factory=TokenizerSettings)
-    diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
+    tokenizer: ContinuousTokenizerConfig = field(default_factory=ContinuousTokenizerConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     condition: Literal["prompt_state", "response_embeddings", "hidden_states"] = "prompt_state"
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: InferenceConfig = field(default_factory=InferenceConfig)
@@ -187,6 +124,9 @@ class DeftRecConfig:
         if self.condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
         _pos_int("config", "d_llm", self.d_llm, allow_none=True)
+        if (self.tokenizer.d_c, self.tokenizer.d_llm, self.diffusion.d_c, self.diffusion.cond_dim) != (None,) * 4:
+            raise ValueError("tokenizer / diffusion sections must leave d_c, d_llm and cond_dim unset: they are "
+                             "derived (collab.dim, the LLM hidden size) by tokenizer_config() / diffusion_config()")
         self._sync_prompt()
         if self.condition in GENERATIVE_CONDITIONS and self.train.lambda_lm == 0:
             # The condition is pooled from generated text at inference; without the LM loss the LLM
@@ -235,14 +175,12 @@ class DeftRecConfig:
         return self.d_llm
 
     def tokenizer_config(self) -> ContinuousTokenizerConfig:
-        t = self.tokenizer
-        return ContinuousTokenizerConfig(d_c=self.d_c, d_llm=self._require_d_llm(), K=t.K,
-                                         mask_ratio=t.mask_ratio, combine=t.combine, hidden=t.hidden)
+        """The ``tokenizer`` section with its derived d_c / d_llm filled (needs d_llm)."""
+        return dataclasses.replace(self.tokenizer, d_c=self.d_c, d_llm=self._require_d_llm())
 
     def diffusion_config(self) -> DiffusionConfig:
+        """The ``diffusion`` section with d_c / cond_dim and the sampling defaults (from ``eval``) filled."""
         e = self.eval
         steps = e.steps if e.steps is not None else self.diffusion.T
-        return self.diffusion.build(d_c=self.d_c, cond_dim=self._require_d_llm(), sampler=e.sampler,
-                                    ddim_steps=steps, ddim_eta=e.eta, guidance_w=e.guidance_w)
-
-
+        return dataclasses.replace(self.diffusion, d_c=self.d_c, cond_dim=self._require_d_llm(), sampler=e.sampler,
+                                   ddim_steps=steps, ddim_eta=e.eta, guidance_w=e.guidance_w)

@@ -1,20 +1,22 @@
-"""deftrec.config.pipeline."""
+"""The pipeline config: one preset file = the data source, the stages, the model and the jobs.
+
+A preset (``pipelines/configs/*.yaml``) keeps the model's sections (``collab``, ``llm``,
+``prompt``, ``tokenizer``, ``diffusion``, ``condition``, ``train``, ``eval``) flat at its top
+level; :func:`load_pipeline_config` gathers them into the composed :class:`DeftRecConfig`
+(``PipelineConfig.model``) instead of re-declaring them here, so a model field is declared once.
+"""
 
 from __future__ import annotations
+
 import dataclasses
 from pathlib import Path
-from typing import Literal, Optional
-from deftrec.config.model import DeftRecConfig, DiffusionSettings, InferenceConfig, TokenizerSettings
-from deftrec.config.training import TrainConfig
-from deftrec.core.config import ConfigError, apply_overrides, from_dict, load_yaml
-from deftrec.config.data import SynthConfig
-from deftrec.config.training import DistributedConfig
-from deftrec.config.jobs import EvaluateJobConfig
-from deftrec.config.jobs import IndexConfig
-from deftrec.config.components import LightGCNConfig
-from deftrec.config.components import LLMConfig
-from deftrec.config.components import PromptConfig
+from typing import Optional
 
+from deftrec.config.data import SynthConfig
+from deftrec.config.jobs import EvaluateJobConfig, IndexConfig
+from deftrec.config.model import DeftRecConfig
+from deftrec.config.training import DistributedConfig
+from deftrec.core.config import ConfigError, apply_overrides, from_dict, load_yaml
 
 STAGES = ("synth", "preprocess", "collab", "train", "index", "evaluate")
 
@@ -31,55 +33,62 @@ class DataSourceConfig:
             raise ConfigError("data: give either data.synth (synthetic log) or data.preprocess.input (files)")
 
 
+#: Top-level preset keys that belong to the model (the fields of DeftRecConfig a preset may set).
+MODEL_SECTIONS = tuple(f.name for f in dataclasses.fields(DeftRecConfig) if f.name != "d_llm")
+
+
 @dataclasses.dataclass
 class PipelineConfig:
+    """A whole run: where the data comes from, which stages run, the model, and the jobs' settings."""
+
     name: str = "deftrec"
     data: DataSourceConfig = dataclasses.field(default_factory=lambda: DataSourceConfig(synth=SynthConfig()))
     stages: list[str] = dataclasses.field(default_factory=lambda: ["synth", "preprocess"])
-    # Model sections: the fields of deftrec.config.DeftRecConfig, flat at the top level of a preset.
-    collab: LightGCNConfig = dataclasses.field(default_factory=LightGCNConfig)
-    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
-    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
-    tokenizer: TokenizerSettings = dataclasses.field(default_factory=TokenizerSettings)
-    diffusion: DiffusionSettings = dataclasses.field(default_factory=DiffusionSettings)
-    condition: Literal["prompt_state", "response_embeddings", "hidden_states"] = "prompt_state"
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    eval: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)
+    model: DeftRecConfig = dataclasses.field(default_factory=DeftRecConfig)
     # Ray Train / DeepSpeed settings of the collab and train jobs (not part of the model config).
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
     evaluate: EvaluateJobConfig = dataclasses.field(default_factory=EvaluateJobConfig)
 
     def __post_init__(self):
-        known = STAGES
-        bad = [s for s in self.stages if s not in known]
+        bad = [s for s in self.stages if s not in STAGES]
         if bad:
-            raise ConfigError(f"stages: unknown stage(s) {bad}; available: {list(known)}")
+            raise ConfigError(f"stages: unknown stage(s) {bad}; available: {list(STAGES)}")
         if "synth" in self.stages and self.data.synth is None:
             raise ConfigError("stages includes 'synth' but data.synth is not set")
-        self.deftrec_config()  # cross-section checks fail at load time, not at the training stage
 
     def deftrec_config(self) -> DeftRecConfig:
-        """The model sections composed (and cross-validated) into a DeftRecConfig."""
-        names = [f.name for f in dataclasses.fields(DeftRecConfig) if f.name != "d_llm"]
-        try:
-            return DeftRecConfig(**{n: getattr(self, n) for n in names})
-        except ValueError as e:
-            raise ConfigError(f"config: {e}") from e
+        """The model part (cross-validated when the config was built)."""
+        return self.model
+
+
+def pipeline_config_from_dict(data: dict) -> PipelineConfig:
+    """A PipelineConfig from a preset's dict: the model sections at the top level go to ``model``."""
+    data = dict(data or {})
+    if "model" in data:
+        raise ConfigError("config: the model sections (collab, llm, prompt, tokenizer, diffusion, condition, train, "
+                          "eval) go at the top level of a preset, not under 'model'")
+    own = {f.name for f in dataclasses.fields(PipelineConfig)} - {"model"}
+    unknown = sorted(set(data) - own - set(MODEL_SECTIONS))
+    if unknown:
+        raise ConfigError(f"config: unknown field(s) {unknown}; valid fields are {sorted(own | set(MODEL_SECTIONS))}")
+    model = {k: data.pop(k) for k in MODEL_SECTIONS if k in data}
+    data["model"] = from_dict(DeftRecConfig, model, "config")
+    return from_dict(PipelineConfig, data, "config")
 
 
 def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a preset (or the defaults when ``path`` is None) with ``a.b=value`` overrides.
+
+    Raises :class:`~deftrec.core.config.ConfigError` naming the offending field."""
     data = load_yaml(path) if path else {}
-    data = apply_overrides(data, overrides or [])
-    return from_dict(PipelineConfig, data, "config")
+    return pipeline_config_from_dict(apply_overrides(data, overrides or []))
 
 
 def load_deftrec_config(path: str | Path | None, overrides: list[str] | None = None) -> DeftRecConfig:
     """Read a preset (``pipelines/configs/*.yaml``) through the pipeline loader and return its model part.
 
     ``overrides`` are ``a.b=value`` strings, e.g. ``["train.max_steps=100", "condition=hidden_states"]``.
-    Raises :class:`~deftrec.config_utils.ConfigError` naming the offending field.
+    Raises :class:`~deftrec.core.config.ConfigError` naming the offending field.
     """
-    pass  # (import moved into this module)
-
     return load_pipeline_config(path, overrides).deftrec_config()

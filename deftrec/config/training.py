@@ -1,15 +1,14 @@
-"""deftrec.config.training."""
+"""Training settings: the optimisation of DeftRec (``train:``) and how the Ray Train jobs are
+distributed, checkpointed and recovered (``distributed:``).
+"""
 
 from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 from typing import Literal
-from typing import TYPE_CHECKING
-if TYPE_CHECKING:
 
-    pass
-from deftrec.core.config import _nonneg_float
-from deftrec.core.config import _pos_int
+from deftrec.core.config import _nonneg_float, _pos_int
 
 
 @dataclass

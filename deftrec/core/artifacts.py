@@ -1,8 +1,20 @@
-"""Artifact I/O: atomic directories, checksums and manifests.
+"""Artifacts: atomic directories, checksums, manifests and the one fingerprint rule.
 
 Every artifact directory is built under a temporary sibling name and renamed into place only
 after its ``manifest.json`` (written last) is complete, so a crash never leaves a directory that
 looks finished. Readers call :func:`read_manifest` and trust nothing without ``status: complete``.
+
+"Is this artifact up to date?" has one answer, used by every stage whether it runs alone
+(``python -m pipelines.<stage>``) or inside ``pipelines.end_to_end``::
+
+    fingerprint = sha256(canonical JSON of {"config": <the settings the stage reads>,
+                                            "inputs": {name: <identity of each input>}})[:16]
+
+An input that is an artifact is identified by :func:`artifact_id` (its manifest's output
+checksums); any other file or folder by :func:`input_id` (its content: every file's sha256,
+sub-folders included). The stage writes the fingerprint into its manifest and skips its work
+when :func:`up_to_date` finds a complete artifact carrying the same one. This module imports no
+other project module.
 """
 
 from __future__ import annotations
@@ -17,8 +29,6 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
-
-
 
 MANIFEST = "manifest.json"
 
@@ -149,15 +159,50 @@ def verify_outputs(directory: str | os.PathLike) -> None:
             raise ArtifactError(f"{directory}: output {rel} does not match its manifest checksum")
 
 
-def model_version(model_dir: str | Path) -> str:
-    """The export's version string (from its manifest): what index and serving pin themselves to."""
-    m = read_manifest(model_dir)
-    if m.get("version"):
-        return str(m["version"])
-    pass  # (import moved into this module)
-
-    return fingerprint(m.get("outputs", {}))
-
-
-def fingerprint(obj) -> str:
+def fingerprint(obj: Any) -> str:
+    """The project's one hashing rule: sha256 of ``obj`` as canonical JSON, first 16 hex digits."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def artifact_id(directory: str | os.PathLike) -> str:
+    """Content identity of a complete artifact: the fingerprint of its output checksums."""
+    return fingerprint(read_manifest(directory).get("outputs", {}))
+
+
+def input_id(path: str | os.PathLike) -> str:
+    """Content identity of an input file or folder (every file below it, sub-folders included).
+
+    A file that a complete artifact lists among its outputs is identified by that recorded
+    checksum (no re-hashing of a large log); anything else is hashed. Content, not mtime: an
+    append inside a folder changes the identity, a ``touch`` does not.
+    """
+    p = Path(path)
+    if p.is_file():
+        parent = p.parent
+        if (parent / MANIFEST).is_file() and is_complete(parent):
+            meta = read_manifest(parent).get("outputs", {}).get(p.name)
+            if meta and meta.get("bytes") == p.stat().st_size:
+                return meta["sha256"][:16]
+        return sha256_file(p)[:16]
+    if p.is_dir():
+        return fingerprint({k: v["sha256"] for k, v in file_checksums(p).items()})
+    raise ArtifactError(f"{p}: input does not exist")
+
+
+def stage_fingerprint(config: Any, inputs: dict[str, str] | None = None) -> str:
+    """Fingerprint of a stage: the settings it reads plus the identities of its inputs."""
+    return fingerprint({"config": config, "inputs": dict(inputs or {})})
+
+
+def up_to_date(directory: str | os.PathLike, fp: str) -> bool:
+    """Whether ``directory`` holds a complete artifact whose manifest carries fingerprint ``fp``."""
+    if not is_complete(directory):
+        return False
+    return read_manifest(directory).get("fingerprint") == fp
+
+
+def artifact_version(directory: str | os.PathLike) -> str:
+    """The version string an artifact's manifest declares (what indexes and serving pin
+    themselves to), else its :func:`artifact_id`."""
+    m = read_manifest(directory)
+    return str(m["version"]) if m.get("version") else artifact_id(directory)

@@ -1,6 +1,10 @@
-"""deftrec.core.cache."""
+"""Locked cache publishing: build a folder once under a lock, publish it with an atomic rename and
+a manifest, reuse it while the manifest says it is valid (converted LLMs, the tiny tokenizer).
+Imports no other project module.
+"""
 
 from __future__ import annotations
+
 import contextlib
 import json
 import os
@@ -9,10 +13,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 MANIFEST_NAME = "deftrec_manifest.json"
 

@@ -1,9 +1,13 @@
-"""Connecting to Ray the same way from a laptop, a test and a `ray job submit` entry point."""
+"""Connecting to Ray the same way from a laptop, a test and a `ray job submit` entry point.
+
+Imports only :mod:`deftrec.core.console` (a leaf helper of the same layer)."""
 
 from __future__ import annotations
 
 import os
 import sys
+
+from deftrec.core.console import is_verbose, quiet_ray_console
 
 
 def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -19,6 +23,8 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
     configure_data_context()
+    if not is_verbose():
+        quiet_ray_console()
 
 
 def configure_data_context() -> None:

@@ -8,13 +8,13 @@ serialises them back for manifests. Unknown keys are errors, never silently igno
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-import math
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from deftrec.config.data import PreprocessConfig
-from deftrec.data.preprocess import build_splits, sort_key_ids
+from deftrec.data.splits import build_splits, sort_key_ids
 
 
 def reference_preprocess(cfg: PreprocessConfig, items_path: str | None = None) -> dict:

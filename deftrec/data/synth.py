@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from deftrec.core.config import to_dict
-from deftrec.core.artifacts import atomic_directory, finish_manifest
 from deftrec.config.data import SYNTH_CATEGORIES, SynthConfig
+from deftrec.core.artifacts import atomic_directory, finish_manifest, stage_fingerprint
+from deftrec.core.config import to_dict
 
 CATEGORIES: dict[str, tuple[list[str], list[str]]] = {
     # category: (adjectives, nouns) — small word lists make titles readable and category-typical
@@ -90,6 +90,11 @@ def _planted_structure(cfg: SynthConfig, cat: np.ndarray, rng: np.random.Generat
         same = rng.choice(m[m != i], size=2, replace=len(m) - 1 < 2)
         succ[i] = [same[0], same[1], rng.integers(cfg.items)]
     return flat_items, flat_cdf, succ
+
+
+def synth_fingerprint(cfg: SynthConfig) -> str:
+    """The synthetic log's identity: its settings (the generator is deterministic for a seed)."""
+    return stage_fingerprint(to_dict(cfg))
 
 
 def generate(cfg: SynthConfig, out_dir: str | Path, overwrite: bool = False,
@@ -171,5 +176,6 @@ def generate(cfg: SynthConfig, out_dir: str | Path, overwrite: bool = False,
             "files": {"interactions": "interactions.csv", "items": "items.csv"},
             "seconds": round(time.time() - t0, 3),
         }
+        manifest["fingerprint"] = synth_fingerprint(cfg)
         manifest = finish_manifest(tmp, manifest)
     return manifest

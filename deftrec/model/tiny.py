@@ -9,14 +9,13 @@ The model is a randomly initialised ``LlamaForCausalLM`` with the ``tiny_*`` siz
 
 from __future__ import annotations
 
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deftrec.core.artifacts import fingerprint
 from deftrec.core.cache import MANIFEST_NAME, materialize_cache_dir
 
 if TYPE_CHECKING:
@@ -39,7 +38,14 @@ def tiny_corpus() -> list[str]:
 
 def train_tiny_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Train the byte-level BPE in memory (deterministic: fixed corpus, fixed settings)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = list(TINY_SPECIAL_TOKENS.values())
@@ -65,16 +71,15 @@ def train_tiny_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
 
 
 def _cache_key(vocab_size: int) -> str:
-    payload = json.dumps(
+    """The tokenizer cache's identity, by the project's one fingerprint rule."""
+    return fingerprint(
         {
             "format": _TOKENIZER_FORMAT,
             "vocab_size": vocab_size,
             "corpus": tiny_corpus(),
             "specials": TINY_SPECIAL_TOKENS,
-        },
-        sort_keys=True,
+        }
     )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def build_tiny_tokenizer(cache_dir: str | Path, vocab_size: int = 2048) -> PreTrainedTokenizerFast:

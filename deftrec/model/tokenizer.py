@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import nn
+
 from deftrec.config.components import ContinuousTokenizerConfig
 
 __all__ = ["ContinuousTokenizerConfig", "ContinuousTokenizer"]
@@ -42,6 +43,9 @@ class ContinuousTokenizer(nn.Module):
 
     def __init__(self, cfg: ContinuousTokenizerConfig) -> None:
         super().__init__()
+        if cfg.d_c is None or cfg.d_llm is None:
+            raise ValueError("ContinuousTokenizerConfig.d_c and d_llm are derived and unset: build the config with "
+                             "DeftRecConfig.tokenizer_config() or pass d_c= and d_llm=")
         self.cfg = cfg
         K, d_c, h, d_llm = cfg.K, cfg.d_c, cfg.hidden, cfg.d_llm
         # Small init so e' starts close to the (masked) collaborative embedding itself.

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
 from deftrec.config.jobs import IndexConfig
 
 INDEX_FILE = "items.faiss"

@@ -1,24 +1,45 @@
-"""deftrec.retrieval.recommender."""
+"""The one retrieval path of DeftRec: validation, batch evaluation and serving all run it.
+
+    history (+ user) --prompt, LLM--> condition c --reverse diffusion--> x0_hat (diffusion space)
+        --divide by x0_scale--> query q in the item space --searcher--> top-K items
+
+:meth:`DeftRecRecommender.queries` runs the first three steps for a batch of users. A *searcher*
+ranks the catalog for the queries by the configured rule (``eval.score``: -||q - E_i||^2 or
+<q, E_i>), without the items each user is to be denied:
+
+- :class:`ExactSearch`: the full score matrix against E in torch (validation, in-process use);
+- :class:`IndexSearch`: the FAISS index built by ``pipelines.index`` (batch evaluation, serving).
+
+:func:`inference_overrides` is the one place where a job or a server changes the sampler
+settings a model was trained with (sampler, steps, seed).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
-from deftrec.config.model import InferenceConfig
-from deftrec.retrieval.metrics import topk as _topk
-if TYPE_CHECKING:
 
-    pass
-from deftrec.model.deftrec import DeftRec
-from deftrec.model.deftrec import _cache_kwarg
-from deftrec.model.deftrec import _cache_of
-from deftrec.model.deftrec import _masked_mean
-from deftrec.model.deftrec import _to_device
-from deftrec.model.deftrec import keyed_normal
+from deftrec.config.model import InferenceConfig
+from deftrec.model.deftrec import (
+    DeftRec,
+    _cache_kwarg,
+    _cache_of,
+    _masked_mean,
+    _to_device,
+    keyed_normal,
+)
+from deftrec.retrieval.index import search as index_search
 from deftrec.retrieval.metrics import Histories
+from deftrec.retrieval.metrics import topk as _topk
+
+__all__ = ["DeftRecRecommender", "ExactSearch", "IndexSearch", "Queries", "Recommendations", "inference_overrides"]
 
 
 @dataclass
@@ -29,6 +50,80 @@ class Recommendations:
     items: np.ndarray
     scores: np.ndarray
     reasoning: list[str] | None = None
+
+
+@dataclass
+class Queries:
+    """Retrieval queries of a batch: ``vectors`` [B, d_c] in the item space, the reasoning text
+    (when generated) and the seconds spent on the condition and on sampling."""
+
+    vectors: Tensor
+    reasoning: list[str] | None
+    seconds: dict[str, float]
+
+
+def inference_overrides(cfg: InferenceConfig, sampler: str | None = None, steps: int | None = None,
+                        seed: int | None = None) -> InferenceConfig:
+    """``cfg`` with the given sampler settings replaced (None keeps the trained setting). ``ddpm``
+    always runs every step; a ``steps`` given alone keeps the sampler."""
+    changes: dict[str, Any] = {}
+    if sampler is not None:
+        changes["sampler"] = sampler
+    if sampler == "ddpm":
+        changes["steps"] = None
+    elif steps is not None:
+        changes["steps"] = int(steps)
+    if seed is not None:
+        changes["seed"] = int(seed)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _exclusion_pairs(exclude: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(row, item) of every entry of the per-row exclusion lists, vectorised where the container allows it."""
+    if hasattr(exclude, "flat"):
+        return exclude.flat()
+    arrays = [np.asarray(h, dtype=np.int64).reshape(-1) for h in exclude]
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    if lengths.sum() == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.repeat(np.arange(len(arrays)), lengths), np.concatenate(arrays)
+
+
+class ExactSearch:
+    """Exact ranking of the whole catalog against the item matrix E (torch, on the model's device)."""
+
+    def __init__(self, item_emb: Tensor, metric: str = "l2") -> None:
+        if metric not in ("l2", "ip"):
+            raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
+        self.E, self.metric = item_emb, metric
+
+    def scores(self, q: Tensor) -> Tensor:
+        """Scores [B, n_items] of queries ``q`` (item space)."""
+        q = q.to(self.E.device, torch.float32)
+        E = self.E.float()
+        if self.metric == "ip":
+            return q @ E.T
+        # -||q - E_i||^2 = 2 <q, E_i> - ||E_i||^2 - ||q||^2
+        return 2.0 * (q @ E.T) - E.pow(2).sum(1)[None, :] - q.pow(2).sum(1, keepdim=True)
+
+    def search(self, q: Tensor, k: int, exclude: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        sc = self.scores(q)
+        if exclude is not None:
+            rows, cols = _exclusion_pairs(exclude)
+            sc[torch.as_tensor(rows, device=sc.device), torch.as_tensor(cols, device=sc.device)] = float("-inf")
+        return _topk(sc.cpu().numpy(), k)
+
+
+class IndexSearch:
+    """Ranking through a FAISS index of the item keys (``metric`` as recorded in its manifest)."""
+
+    def __init__(self, index: Any, metric: str) -> None:
+        self.index, self.metric = index, metric
+
+    def search(self, q: Tensor, k: int, exclude: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        vectors = q.detach().float().cpu().numpy()
+        return index_search(self.index, vectors, k, self.metric,
+                            exclude=None if exclude is None else [np.asarray(e, dtype=np.int64) for e in exclude])
 
 
 class DeftRecRecommender:
@@ -42,6 +137,7 @@ class DeftRecRecommender:
             raise ValueError(f"eval.steps ({self.cfg.steps}) must be <= diffusion.T ({T})")
         if self.cfg.guidance_w > 0 and model.head.cfg.cond_dropout == 0:
             raise ValueError("guidance_w > 0 needs a model trained with diffusion.cond_dropout > 0")
+        self.exact = ExactSearch(model.item_emb, self.cfg.score)
 
     # -- step 1-3: prompt -> (reasoning) -> condition
     @torch.no_grad()
@@ -127,20 +223,36 @@ class DeftRecRecommender:
         return head.reverse(x, cond.to(dev), self.cfg.sampler, self.cfg.steps, self.cfg.guidance_w, self.cfg.eta,
                             noise=lambda step: keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev))
 
-    # -- step 5: scores
+    # -- steps 1-4 and the rescale: one batch of queries
+    @torch.no_grad()
+    def queries(self, histories: Histories, users: Sequence[int] | np.ndarray | None = None,
+                keys: Sequence[int] | np.ndarray | None = None, explain: bool = False,
+                seed: int | None = None) -> Queries:
+        """Queries in the item space for a batch. Noise is keyed by ``keys`` (default: ``users``,
+        else positions), so a user gets the same draw alone or in any batch."""
+        n = len(histories)
+        keys = self._keys(n, users if keys is None else keys)
+        t0 = time.perf_counter()
+        cond, text = self.conditions(histories, users=users, explain=explain)
+        t1 = time.perf_counter()
+        x = self.sample(cond, keys, seed).float() / self.model.x0_scale
+        t2 = time.perf_counter()
+        return Queries(x, text, {"condition": t1 - t0, "sample": t2 - t1})
+
     @torch.no_grad()
     def scores(self, x0: Tensor) -> Tensor:
         """Scores [B, n_items] of x0_hat (scaled space) against E in the original space."""
-        m = self.model
-        x = x0.float() / m.x0_scale
-        E = m.item_emb
-        if self.cfg.score == "ip":
-            return x @ E.T
-        # -||x - E_i||^2 = 2 <x, E_i> - ||E_i||^2 - ||x||^2
-        return 2.0 * (x @ E.T) - E.pow(2).sum(1)[None, :] - x.pow(2).sum(1, keepdim=True)
+        return self.exact.scores(x0.float() / self.model.x0_scale)
 
     def _keys(self, n: int, users) -> np.ndarray:
-        return np.arange(n, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64).reshape(-1)
+        keys = np.arange(n, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64).reshape(-1)
+        if keys.size != n:
+            raise ValueError(f"got {keys.size} users for {n} histories")
+        return keys
+
+    def _chunks(self, n: int, batch_size: int | None):
+        bs = batch_size or self.cfg.batch_size
+        return ((s, min(s + bs, n)) for s in range(0, n, bs))
 
     @torch.no_grad()
     def score_users(self, histories: Histories, users: Sequence[int] | np.ndarray | None = None,
@@ -148,68 +260,53 @@ class DeftRecRecommender:
         """Full score matrix [len(histories), n_items] (float32), computed ``batch_size`` users at a time.
 
         Noise is keyed by ``users`` (positions when None). Suitable as ``score_fn`` of
-        :func:`deftrec.metrics.evaluate_in_chunks` (through a closure over the histories).
+        :func:`deftrec.retrieval.metrics.evaluate_in_chunks` (through a closure over the histories).
         """
         n = len(histories)
         keys = self._keys(n, users)
-        if keys.size != n:
-            raise ValueError(f"got {keys.size} users for {n} histories")
-        bs = batch_size or self.cfg.batch_size
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = np.empty((n, self.model.n_items), dtype=np.float32)
-            for s in range(0, n, bs):
-                e = min(s + bs, n)
-                u = None if users is None else keys[s:e]
-                cond, _ = self.conditions(histories[s:e], users=u)
-                out[s:e] = self.scores(self.sample(cond, keys[s:e], seed)).cpu().numpy()
-        finally:
-            self.model.train(was_training)
+        out = np.empty((n, self.model.n_items), dtype=np.float32)
+        with _eval_mode(self.model):
+            for s, e in self._chunks(n, batch_size):
+                q = self.queries(histories[s:e], users=None if users is None else keys[s:e], keys=keys[s:e], seed=seed)
+                out[s:e] = self.exact.scores(q.vectors).cpu().numpy()
         return out
 
     @torch.no_grad()
     def recommend(self, histories: Histories, users: Sequence[int] | np.ndarray | None = None, k: int = 10,
                   exclude_history: bool | None = None, explain: bool = False, seed: int | None = None,
-                  batch_size: int | None = None) -> Recommendations:
+                  batch_size: int | None = None, searcher: ExactSearch | IndexSearch | None = None
+                  ) -> Recommendations:
         """Top-``k`` items per user (history items removed when ``exclude_history``, default from
-        the config). ``explain=True`` also returns the generated reasoning text."""
+        the config). ``explain=True`` also returns the generated reasoning text. ``searcher``:
+        exact search against E (default) or a FAISS :class:`IndexSearch`."""
         n = len(histories)
         keys = self._keys(n, users)
-        if keys.size != n:
-            raise ValueError(f"got {keys.size} users for {n} histories")
         if not 1 <= k <= self.model.n_items:
             raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
         excl = self.cfg.exclude_history if exclude_history is None else exclude_history
-        bs = batch_size or self.cfg.batch_size
+        searcher = searcher or self.exact
         items, scores, texts = [], [], []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for s in range(0, n, bs):
-                e = min(s + bs, n)
+        with _eval_mode(self.model):
+            for s, e in self._chunks(n, batch_size):
                 chunk = histories[s:e]
-                u = None if users is None else keys[s:e]
-                cond, text = self.conditions(chunk, users=u, explain=explain)
-                sc = self.scores(self.sample(cond, keys[s:e], seed))
-                if excl:
-                    rows, cols = _flat_pairs(chunk)
-                    sc[torch.as_tensor(rows, device=sc.device), torch.as_tensor(cols, device=sc.device)] = float("-inf")
-                it, v = _topk(sc.cpu().numpy(), k)
+                q = self.queries(chunk, users=None if users is None else keys[s:e], keys=keys[s:e],
+                                 explain=explain, seed=seed)
+                it, v = searcher.search(q.vectors, k, exclude=chunk if excl else None)
                 items.append(it), scores.append(v)
-                if text is not None:
-                    texts.extend(text)
-        finally:
-            self.model.train(was_training)
+                if q.reasoning is not None:
+                    texts.extend(q.reasoning)
         return Recommendations(np.concatenate(items), np.concatenate(scores), texts if explain else None)
 
 
-def _flat_pairs(histories: Histories) -> tuple[np.ndarray, np.ndarray]:
-    """(row, item) of every history entry, vectorised where the container allows it."""
-    if hasattr(histories, "flat"):
-        return histories.flat()
-    arrays = [np.asarray(h, dtype=np.int64).reshape(-1) for h in histories]
-    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-    if lengths.sum() == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.repeat(np.arange(len(arrays)), lengths), np.concatenate(arrays)
+class _eval_mode:
+    """Run a block with the model in eval mode and restore its previous mode afterwards."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)

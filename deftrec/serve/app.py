@@ -27,8 +27,20 @@ from typing import Any, Callable, Optional
 from fastapi import FastAPI, HTTPException, Response
 from ray import serve
 
-from deftrec.serve.engine import ServingCatalog, Query, RecommenderEngine, UnknownId, history_key
-from deftrec.serve.schemas import Health, Item, RecommendRequest, RecommendResponse, ScoredItem
+from deftrec.serve.engine import (
+    Query,
+    RecommenderEngine,
+    ServingCatalog,
+    UnknownId,
+    history_key,
+)
+from deftrec.serve.schemas import (
+    Health,
+    Item,
+    RecommendRequest,
+    RecommendResponse,
+    ScoredItem,
+)
 
 MAX_BODY_BYTES = 64 * 1024
 

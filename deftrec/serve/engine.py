@@ -16,9 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from deftrec.config.jobs import IndexConfig
-from deftrec.retrieval.index import load_index, search
-from deftrec.core.artifacts import ArtifactError, is_complete, read_manifest
+from deftrec.artifacts.served import load_version
+from deftrec.core.artifacts import read_manifest
 
 
 class UnknownId(KeyError):
@@ -104,38 +103,18 @@ def history_key(history: np.ndarray, offset: int) -> int:
     return offset + int.from_bytes(digest, "little") % (2**30)
 
 
-def _default_loader(model_dir: str):
-    from deftrec.artifacts.model import load_model
-
-    return load_model(model_dir)
-
-
 class RecommenderEngine:
-    """Model + index of one version. ``recommend`` serves a whole batch with one pass per stage."""
+    """One loaded version (model + index). ``recommend`` serves a whole batch through the shared
+    retrieval path (:mod:`deftrec.retrieval.recommender`), one pass per stage."""
 
     def __init__(self, model_dir: str | Path, index_dir: str | Path, loader: Optional[Callable] = None,
                  ddim_steps: Optional[int] = None):
-        from deftrec.core.artifacts import model_version
-        from deftrec.retrieval.recommender import DeftRecRecommender
-
-        for d, what in ((model_dir, "model export"), (index_dir, "index")):
-            if not is_complete(d):
-                raise ArtifactError(f"{d}: no complete {what}")
-        self.model = (loader or _default_loader)(str(model_dir))
-        self.model.eval()
-        ecfg = self.model.cfg.eval
-        if ddim_steps is not None:  # serving may trade quality for latency (see benchmarks/inference.py)
-            ecfg = dataclasses.replace(ecfg, sampler="ddim", steps=int(ddim_steps))
-        self.rec = DeftRecRecommender(self.model, ecfg)
-        im = read_manifest(index_dir)
-        self.index = load_index(index_dir, IndexConfig(**im["config"]))
-        self.metric = im["metric"]
-        self.model_version = model_version(model_dir)
-        self.index_version = str(im.get("version"))
-        if im.get("model_version") not in (None, self.model_version):
-            raise ArtifactError(f"{index_dir} was built for model {im.get('model_version')}, "
-                                f"not {self.model_version}; rebuild it (pipelines.index)")
-        self.user_tokens = bool(self.model.cfg.tokenizer.user_tokens)
+        # serving may trade quality for latency with fewer DDIM steps (see benchmarks/inference.py)
+        self.version = load_version(model_dir, index_dir, loader=loader,
+                                    sampler="ddim" if ddim_steps is not None else None, steps=ddim_steps)
+        self.model = self.version.model
+        self.model_version = self.version.model_version
+        self.index_version = self.version.index_version
 
     def recommend(self, queries: Sequence[Query]) -> tuple[list[dict], dict]:
         """-> (per query {"items": [(idx, score)], "reasoning"}, stage timings in ms for the batch)."""
@@ -143,27 +122,23 @@ class RecommenderEngine:
             return self._recommend(queries)
 
     def _recommend(self, queries: Sequence[Query]) -> tuple[list[dict], dict]:
-        t0 = time.perf_counter()
+        v = self.version
         keys = np.array([q.key for q in queries], dtype=np.int64)
         users = np.array([q.user if q.user is not None else 0 for q in queries], dtype=np.int64)
-        explain = any(q.explain for q in queries)
-        cond, text = self.rec.conditions([q.history for q in queries],
-                                         users=users if self.user_tokens else None, explain=explain)
-        t1 = time.perf_counter()
-        x0 = self.rec.sample(cond, keys)
-        query = (x0.float() / self.model.x0_scale).cpu().numpy()
-        t2 = time.perf_counter()
-        k = max(q.k for q in queries)
-        ids, scores = search(self.index, query, k, self.metric,
-                             exclude=[q.history if q.exclude_history else () for q in queries])
-        t3 = time.perf_counter()
+        qs = v.recommender.queries([q.history for q in queries], users=users if v.uses_user_tokens else None,
+                                   keys=keys, explain=any(q.explain for q in queries))
+        t0 = time.perf_counter()
+        ids, scores = v.searcher.search(qs.vectors, max(q.k for q in queries),
+                                        exclude=[q.history if q.exclude_history else () for q in queries])
+        t_search = time.perf_counter() - t0
+        text = qs.reasoning
         out = []
         for r, q in enumerate(queries):
             keep = ids[r, : q.k] >= 0
             out.append({"items": list(zip(ids[r, : q.k][keep].tolist(), scores[r, : q.k][keep].tolist())),
                         "reasoning": text[r] if (text is not None and q.explain) else None})
-        timings = {"condition": (t1 - t0) * 1e3, "sample": (t2 - t1) * 1e3, "search": (t3 - t2) * 1e3,
-                   "batch_size": float(len(queries))}
+        timings = {"condition": qs.seconds["condition"] * 1e3, "sample": qs.seconds["sample"] * 1e3,
+                   "search": t_search * 1e3, "batch_size": float(len(queries))}
         return out, timings
 
     def check(self) -> None:

@@ -1,33 +1,40 @@
-"""deftrec.training.checkpoint."""
+"""deftrec.training.checkpoint: the training checkpoint (layout in :mod:`deftrec.training.driver`).
+
+What a run is (:func:`config_fingerprint`), what rank 0 records (:class:`TrainerState`), how a
+checkpoint directory is written (:func:`write_checkpoint`, collective) and read back
+(:func:`read_checkpoint`), and the consolidation of (ZeRO-3 partitioned) weights.
+"""
 
 from __future__ import annotations
+
 import contextlib
 import dataclasses
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
 import torch
+
 from deftrec.config.model import DeftRecConfig
+from deftrec.core.artifacts import fingerprint
 from deftrec.core.config import to_dict
+
 if TYPE_CHECKING:
 
     from deftrec.model.deftrec import DeftRec
-from deftrec.artifacts.model import STATE_FILE, WEIGHTS_FILE, _BUFFERS
-from deftrec.artifacts.model import _ROWS_PREFIX
-from deftrec.artifacts.model import _frozen_embedding_weights
-
+from deftrec.artifacts.model import (
+    _BUFFERS,
+    _ROWS_PREFIX,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    _frozen_embedding_weights,
+)
 
 #: Tag of the DeepSpeed checkpoint inside every Ray checkpoint directory.
 DS_TAG = "state"
-
-
-
-
-
-
+#: Directory of the (per-rank) DeepSpeed states inside every Ray checkpoint directory.
 DS_DIR = "deepspeed"
 
 
@@ -42,7 +49,7 @@ def config_fingerprint(cfg: DeftRecConfig) -> str:
 
     Run-length and bookkeeping fields (epochs, max_steps, patience, log/validation intervals,
     device) and the eval section may change between attempts; the model, the data sampling and the
-    optimisation may not.
+    optimisation may not. The hash is the project's one rule, :func:`deftrec.core.artifacts.fingerprint`.
     """
     d = to_dict(cfg)
     d.pop("eval", None)
@@ -52,7 +59,7 @@ def config_fingerprint(cfg: DeftRecConfig) -> str:
     for sec in ("collab", "llm"):
         d[sec].pop("device", None)
         d[sec].pop("cache_dir", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(d)
 
 
 @dataclass
@@ -89,6 +96,35 @@ def read_trainer_state(checkpoint_dir: str | Path) -> TrainerState:
     if not p.is_file():
         raise FileNotFoundError(f"{checkpoint_dir}: no {STATE_FILE}; not a DeftRec training checkpoint")
     return TrainerState.from_json(json.loads(p.read_text()))
+
+
+def read_checkpoint(checkpoint_dir: Path, expected_fingerprint: str) -> tuple[TrainerState, dict[str, torch.Tensor]]:
+    """(trainer state, consolidated weights) of a training checkpoint of the run ``expected_fingerprint``.
+
+    Raises ValueError when the checkpoint was written with another configuration.
+    """
+    old = read_trainer_state(checkpoint_dir)
+    if old.fingerprint != expected_fingerprint:
+        raise ValueError(f"checkpoint {checkpoint_dir} was written with a different configuration "
+                         f"(fingerprint {old.fingerprint} != {expected_fingerprint}); use another run name")
+    from safetensors.torch import load_file
+
+    return old, load_file(str(Path(checkpoint_dir) / WEIGHTS_FILE))
+
+
+def write_checkpoint(directory: Path, engine: Any, model: DeftRec, state: TrainerState, rank: int) -> None:
+    """Write this rank's part of a training checkpoint into ``directory``; every rank must call it.
+
+    Every rank: its DeepSpeed states (``deepspeed/``). Rank 0: the consolidated weights (gathered
+    collectively under ZeRO-3) and ``trainer_state.json``.
+    """
+    engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
+    weights = consolidated_state(model, rank)  # collective under ZeRO-3
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS_FILE))
+        (directory / STATE_FILE).write_text(json.dumps(state.to_json(), indent=2, default=str))
 
 
 def _is_zero3(p: torch.nn.Parameter) -> bool:

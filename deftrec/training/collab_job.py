@@ -1,21 +1,31 @@
-"""deftrec.training.collab_job."""
+"""deftrec.training.collab_job: LightGCN as a Ray Train job (TorchTrainer, DDP) -> RUN_DIR/collab.
+
+Console: rank 0 writes LightGCN's progress lines; the other ranks are silent, and Ray Train's
+per-report log records are quieted (:func:`deftrec.core.log.quiet_ray_train_reports`).
+"""
 
 from __future__ import annotations
+
 import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
 from deftrec.config.components import LightGCNConfig
+
 if TYPE_CHECKING:
     from deftrec.config.training import DistributedConfig
-from deftrec.artifacts.collab import CollabArtifact
-from deftrec.artifacts.collab import collab_fingerprint
-from deftrec.artifacts.collab import load_collab
-from deftrec.artifacts.collab import save_collab
-from deftrec.core.log import Log
+from deftrec.artifacts.collab import (
+    CollabArtifact,
+    collab_fingerprint,
+    load_collab,
+    save_collab,
+)
+from deftrec.core.log import Log, quiet_ray_train_reports, rank_zero, writer
 
 
 @dataclass
@@ -36,8 +46,9 @@ def _collab_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from deftrec.model.lightgcn import train_lightgcn
+    from deftrec.training.lightgcn import train_lightgcn
 
+    quiet_ray_train_reports()
     ctx: _CollabContext = config["context"]
     if isinstance(ctx, ray.ObjectRef):
         ctx = ray.get(ctx)
@@ -46,10 +57,8 @@ def _collab_worker(config: dict) -> None:
     cfg = ctx.cfg
     if ctx.use_gpu:
         cfg = dataclasses.replace(cfg, device=str(ray.train.torch.get_device()))
-    from deftrec.core.log import _stdout_line
-
     U, E, history = train_lightgcn(ctx.users, ctx.items, ctx.n_users, ctx.n_items, cfg, valid=ctx.valid,
-                                   log=_stdout_line if rank == 0 else None)
+                                   log=rank_zero(rank))
     hrs = [h["hr@10"] for h in history if "hr@10" in h]
     metrics = {"epochs": len(history), "hr@10": max(hrs) if hrs else -1.0}
     with tempfile.TemporaryDirectory(prefix="deftrec-collab-") as tmp:
@@ -84,12 +93,12 @@ def train_collab_distributed(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from deftrec.data.samples import load_dataset, training_pairs
     from deftrec.config.training import DistributedConfig
     from deftrec.core.cluster import ensure_ray
+    from deftrec.data.samples import load_dataset, training_pairs
 
     dist = dist or DistributedConfig()
-    say = log if log is not None else (lambda s: None)
+    say = writer(log)
     out_dir = Path(out_dir)
     data = load_dataset(data_dir)
     users, items = training_pairs(data)
@@ -109,6 +118,7 @@ def train_collab_distributed(
                                                placement_strategy=dist.placement_strategy),
         run_config=ray.train.RunConfig(name=name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
+                                       # ray.train.* below WARNING
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     say(f"[collab] LightGCN on {dist.num_workers} worker(s): {users.size:,} training interactions, "

@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from deftrec.config.model import DeftRecConfig
 
 if TYPE_CHECKING:
@@ -59,56 +58,17 @@ if TYPE_CHECKING:
     from deftrec.artifacts.collab import CollabArtifact
     from deftrec.data.samples import ItemCatalog
 from deftrec.config.training import DistributedConfig
-from deftrec.training.checkpoint import SCORE_KEY
-from deftrec.training.checkpoint import TrainerState
-from deftrec.training.worker import _WorkerContext
-from deftrec.training.dataset import build_train_dataset
-from deftrec.training.checkpoint import config_fingerprint
-from deftrec.training.dataset import plan_steps
-from deftrec.training.checkpoint import read_trainer_state
-from deftrec.training.worker import train_loop_per_worker
-from deftrec.core.log import Log
+from deftrec.core.log import Log, writer
+from deftrec.training.checkpoint import (
+    SCORE_KEY,
+    TrainerState,
+    config_fingerprint,
+    read_trainer_state,
+)
+from deftrec.training.dataset import build_train_dataset, plan_steps
+from deftrec.training.worker import _WorkerContext, train_loop_per_worker
 
-__all__ = [
-    "DS_TAG",
-    "DistributedConfig",
-    "DistributedResult",
-    "REFERENCE_CONFIGS",
-    "TrainerState",
-    "build_deepspeed_config",
-    "build_train_dataset",
-    "config_fingerprint",
-    "consolidated_state",
-    "load_consolidated",
-    "plan_steps",
-    "read_trainer_state",
-    "reference_deepspeed_config",
-    "resolve_precision",
-    "samples_table",
-    "shard_bounds",
-    "train_distributed",
-    "train_loop_per_worker",
-    "write_reference_configs",
-]
-
-
-
-# --------------------------------------------------------------------------------------------- config
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-# --------------------------------------------------------------------------------------------- state
-
-
-# --------------------------------------------------------------------------------------------- weights
-
-
-# --------------------------------------------------------------------------------------------- worker
-
-
-# --------------------------------------------------------------------------------------------- driver
+__all__ = ["DistributedResult", "train_distributed", "train_fingerprint"]
 
 
 @dataclass
@@ -121,6 +81,20 @@ class DistributedResult:
     state: TrainerState | None  # trainer state of the best checkpoint
     metrics: dict  # metrics reported with the latest checkpoint
     storage: str  # storage_path/name of the Ray Train run
+
+
+def train_fingerprint(cfg: DeftRecConfig, dist: DistributedConfig, data_dir: str | Path,
+                      collab_dir: str | Path) -> str:
+    """The train stage's identity (``RUN_DIR/model``): the model and distributed configs and the
+    data and collab artifacts it reads (:func:`deftrec.core.artifacts.stage_fingerprint`).
+
+    Not the run's resume identity: that is :func:`deftrec.training.checkpoint.config_fingerprint`.
+    """
+    from deftrec.core.artifacts import artifact_id, stage_fingerprint
+    from deftrec.core.config import to_dict
+
+    return stage_fingerprint({"model": to_dict(cfg), "distributed": to_dict(dist)},
+                             {"data": artifact_id(data_dir), "collab": artifact_id(collab_dir)})
 
 
 def _storage(run_dir: Path, cfg_name: str, dist: DistributedConfig, suffix: str = "") -> tuple[str, str]:
@@ -177,13 +151,15 @@ def train_distributed(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from deftrec.artifacts.collab import load_collab
-    from deftrec.data.samples import build_training_samples, load_dataset
     from deftrec.core.cluster import ensure_ray
+    from deftrec.data.samples import build_training_samples, load_dataset
 
-    say = log if log is not None else (lambda s: None)
+    say = writer(log)
     run_dir = Path(run_dir)
     data_dir = Path(data_dir) if data_dir is not None else run_dir / "data"
-    collab = load_collab(collab_dir if collab_dir is not None else run_dir / "collab")
+    collab_dir = Path(collab_dir) if collab_dir is not None else run_dir / "collab"
+    collab = load_collab(collab_dir)
+    stage_fp = train_fingerprint(cfg, dist, data_dir, collab_dir)
     if cfg.tokenizer.user_tokens and collab.user_emb is None:
         raise ValueError("tokenizer.user_tokens needs the LightGCN user matrix in the collab artifact")
     if dist.zero_stage == 3 and cfg.needs_generation:
@@ -212,7 +188,7 @@ def train_distributed(
     if prev is not None and (prev[1].stopped_early or prev[1].step >= total or prev[1].epoch >= t.epochs):
         # Finished under this budget: nothing to train (no workers started), export its best checkpoint.
         say(f"[deftrec] {storage}/{name} already finished at step {prev[1].step}; nothing to train")
-        return _finish(prev[0], data.catalog, collab, run_dir, storage, name, export, say)
+        return _finish(prev[0], data.catalog, collab, run_dir, storage, name, export, say, stage_fp)
 
     ensure_ray()
     ds = build_train_dataset(data_dir, cfg, source=dist.samples, num_blocks=max(16, 4 * dist.num_workers))
@@ -230,7 +206,9 @@ def train_distributed(
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # no line per report
+            # ray.train.* below WARNING; the per-report "TrainingReport(...)" records are quieted in the
+            # workers (deftrec.core.log.quiet_ray_train_reports): LoggingConfig does not reach them
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=dist.num_to_keep,
                                                          checkpoint_score_attribute=SCORE_KEY,
                                                          checkpoint_score_order="max")),
@@ -238,12 +216,13 @@ def train_distributed(
     )
     say(f"[deftrec] training on {dist.num_workers} worker(s) (ZeRO-{dist.zero_stage}); checkpoints in {storage}/{name}")
     result = trainer.fit()
-    return _finish(result, data.catalog, collab, run_dir, storage, name, export, say)
+    return _finish(result, data.catalog, collab, run_dir, storage, name, export, say, stage_fp)
 
 
 def _finish(result: Any, catalog: ItemCatalog, collab: CollabArtifact, run_dir: Path, storage: str, name: str,
-            export: bool, say: Log) -> DistributedResult:
-    """Pick the best checkpoint (validation NDCG@10) of a Ray Train result and export it."""
+            export: bool, say: Log, stage_fp: str) -> DistributedResult:
+    """Pick the best checkpoint (validation NDCG@10) of a Ray Train result and export it (its manifest
+    carries the train stage's fingerprint ``stage_fp``)."""
     latest = result.checkpoint
     best = None
     if result.best_checkpoints:
@@ -260,7 +239,7 @@ def _finish(result: Any, catalog: ItemCatalog, collab: CollabArtifact, run_dir: 
             model_dir = run_dir / "model"
             export_checkpoint(d, model_dir, catalog, item_emb=collab.item_emb, user_emb=collab.user_emb, extra={
                 "run": f"{storage}/{name}", "checkpoint": best.path, "best_step": state.best_step,
-                "step": state.step, "valid_ndcg@10": state.best_score})
+                "step": state.step, "valid_ndcg@10": state.best_score, "fingerprint": stage_fp})
             say(f"[deftrec] exported step {state.step} (valid NDCG@10 {state.best_score:.4f}) to {model_dir}")
     return DistributedResult(model_dir=model_dir, best_checkpoint=best.path,
                              latest_checkpoint=latest.path if latest is not None else None, state=state,

@@ -1,15 +1,19 @@
-"""deftrec.training.ds_config."""
+"""The DeepSpeed config of the training job, built in Python with concrete values (no ``"auto"``)::
+
+    train_batch_size = train.batch_size (micro) x train.grad_accum x world_size
+
+plus the precision decision and the reference files in ``cluster/deepspeed/``.
+"""
 
 from __future__ import annotations
+
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-import torch
-from deftrec.config.training import TrainConfig
-if TYPE_CHECKING:
+from typing import Any
 
-    pass
-from deftrec.config.training import DistributedConfig
+import torch
+
+from deftrec.config.training import DistributedConfig, TrainConfig
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:

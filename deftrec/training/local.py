@@ -1,23 +1,19 @@
 """In-process DeftRec training: LightGCN -> DeftRec -> AdamW loop with validation.
 
-The pieces are separate so the Ray Train loop can reuse them: :func:`make_batch` (samples ->
-tokenised batch), :func:`build_optimizer` / :func:`build_scheduler`, :func:`train_step` (one
-optimiser step over a list of micro-batches: accumulate, clip, step) and :func:`evaluate` (both
-protocols through :func:`deftrec.metrics.evaluate_in_chunks`). :func:`train_local` is the flat
-single-process loop around them.
-
-Learning-rate schedule (per optimiser step s, W warm-up steps, S total steps, r = min_lr_ratio)::
-
-    f(s) = (s + 1) / W                                               s < W
-    f(s) = r + (1 - r) * 0.5 * (1 + cos(pi * (s - W) / max(1, S - W)))   otherwise
-
-and each group's lr is its peak times f(s).
+:func:`train_local` is the single-process counterpart of the Ray Train loop
+(:mod:`deftrec.training.worker`) and uses the same pieces: :func:`~deftrec.training.optim.make_batch`,
+:func:`~deftrec.training.optim.build_optimizer` / :func:`~deftrec.training.optim.build_scheduler`
+(the learning-rate schedule is documented in :mod:`deftrec.training.optim`),
+:func:`~deftrec.training.optim.train_step`, :func:`~deftrec.training.validation.evaluate`, the
+progress lines, and the one step planner :func:`~deftrec.training.dataset.plan_steps` (one rank,
+keeping each epoch's last, incomplete step).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,27 +21,34 @@ import torch
 
 from deftrec.config.model import DeftRecConfig
 from deftrec.core.config import to_dict
-from deftrec.data.samples import PreprocessedData, build_training_samples, load_dataset, training_pairs
+from deftrec.core.log import Log, writer
+from deftrec.data.samples import (
+    EvalSet,
+    PreprocessedData,
+    TrainingSamples,
+    build_training_samples,
+    load_dataset,
+    training_pairs,
+)
 from deftrec.model.deftrec import DeftRec, DeftRecTask
-from deftrec.model.lightgcn import train_lightgcn
-from deftrec.training.optim import build_optimizer
-from deftrec.training.optim import build_scheduler
-from deftrec.training.validation import evaluate
-from deftrec.training.optim import make_batch
-from deftrec.training.optim import train_step
-from deftrec.core.log import Log
+from deftrec.training.dataset import plan_steps
+from deftrec.training.lightgcn import train_lightgcn
+from deftrec.training.optim import (
+    LossWindow,
+    build_optimizer,
+    build_scheduler,
+    make_batch,
+    step_line,
+    train_step,
+)
+from deftrec.training.validation import (
+    early_stop_line,
+    evaluate,
+    primary_score,
+    valid_line,
+)
 
-__all__ = [
-    "build_optimizer",
-    "build_scheduler",
-    "evaluate",
-    "fit_collab",
-    "lr_factor",
-    "make_batch",
-    "train_local",
-    "train_step",
-]
-
+__all__ = ["fit_collab", "train_local"]
 
 
 def fit_collab(cfg: DeftRecConfig, data: PreprocessedData, log: Log | None = print) -> tuple[np.ndarray, np.ndarray, list]:
@@ -59,10 +62,6 @@ def fit_collab(cfg: DeftRecConfig, data: PreprocessedData, log: Log | None = pri
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
-
-
-def _primary(metrics: dict[str, dict[str, float]], exclude_history: bool) -> float:
-    return metrics["history_excluded" if exclude_history else "history_kept"]["ndcg@10"]
 
 
 def train_local(
@@ -85,7 +84,6 @@ def train_local(
     "seconds": {...}}. Validation uses a fixed subset of ``train.valid_users`` users and selects
     the state with the best NDCG@10 under the primary protocol (``eval.exclude_history``).
     """
-    say = log if log is not None else (lambda s: None)
     t = cfg.train
     data = data_dir if isinstance(data_dir, PreprocessedData) else load_dataset(data_dir)
     timings: dict[str, float] = {}
@@ -113,11 +111,36 @@ def train_local(
         raise ValueError(f"no training samples: every training sequence is shorter than train.min_history+1 "
                          f"({t.min_history + 1})")
     valid = data.valid.sample(t.valid_users, t.seed)
+    history: dict = {"collab": collab_hist, "train": [], "valid": [], "best": None}
+    t0 = time.perf_counter()
+    progress = _fit(model, task, cfg, samples, valid, np_rng, history, writer(log))
+    timings["train"] = time.perf_counter() - t0
+    if progress.best_state is not None:
+        model.load_state_dict(progress.best_state, strict=False)
+    model.eval()
+    history["seconds"] = timings
+    if out_dir is not None:
+        _save(model, cfg, history, Path(out_dir), progress.step)
+    return model, history
+
+
+@dataclass
+class _Progress:
+    """The local loop's bookkeeping: steps done, the log window, the best validated state, patience."""
+
+    step: int = 0
+    window: LossWindow = field(default_factory=LossWindow)
+    best_score: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    bad: int = 0
+
+
+def _fit(model: DeftRec, task: DeftRecTask, cfg: DeftRecConfig, samples: TrainingSamples, valid: EvalSet,
+         np_rng: np.random.Generator, history: dict, say: Log) -> _Progress:
+    """Epochs of optimizer steps over shuffled samples, until the step budget or early stopping."""
+    t = cfg.train
     per_step = t.batch_size * t.grad_accum
-    steps_per_epoch = -(-len(samples) // per_step)
-    total = t.epochs * steps_per_epoch
-    if t.max_steps is not None:
-        total = min(total, t.max_steps)
+    steps_per_epoch, total = plan_steps(len(samples), t, world_size=1, drop_last=False)
     validate_every = t.validate_every or steps_per_epoch
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg, total)
@@ -126,64 +149,52 @@ def train_local(
     n_heads = sum(p.numel() for p in model.param_groups()["heads"])
     say(f"[deftrec] {len(samples):,} samples, {len(valid):,} validation users, {total:,} steps "
         f"({steps_per_epoch:,}/epoch, {per_step} samples/step); trainable: llm {n_llm:,}, heads {n_heads:,}")
-
-    history: dict = {"collab": collab_hist, "train": [], "valid": [], "best": None}
-    best_score, best_state, bad = -1.0, None, 0
-    step, t_train = 0, time.perf_counter()
-    win = {"lm": 0.0, "pos": 0.0, "neg": 0.0, "total": 0.0, "n": 0, "samples": 0, "t": time.perf_counter()}
-    stop = False
+    p = _Progress()
+    mark = time.perf_counter()  # samples/s: wall time since the last log line (validations included)
     model.train()
-    for epoch in range(t.epochs):
+    for epoch in range(1, t.epochs + 1):
         order = np_rng.permutation(len(samples))
         for s in range(0, len(order), per_step):
             idx = order[s:s + per_step]
             micro = [make_batch(model, samples, idx[j:j + t.batch_size]) for j in range(0, len(idx), t.batch_size)]
             parts = train_step(task, micro, opt, sched, t.grad_clip, gen)
-            step += 1
-            for key in ("lm", "pos", "neg", "total"):
-                win[key] += parts[key]
-            win["n"] += 1
-            win["samples"] += len(idx)
-            if step % t.log_every == 0 or step == total:
-                dt = max(time.perf_counter() - win["t"], 1e-9)
-                rec = {"step": step, "epoch": epoch + 1, **{k: win[k] / win["n"] for k in ("lm", "pos", "neg", "total")},
-                       "lr": sched.get_last_lr()[0], "samples_per_s": win["samples"] / dt}
+            p.step += 1
+            now = time.perf_counter()
+            p.window.add(parts, len(idx), now - mark)
+            mark = now
+            if p.step % t.log_every == 0 or p.step == total:
+                rec = {"step": p.step, "epoch": epoch, **p.window.means(), "lr": sched.get_last_lr()[0],
+                       "samples_per_s": p.window.samples_per_s()}
                 history["train"].append(rec)
-                say(f"[deftrec] step {step}/{total} epoch {epoch + 1} loss {rec['total']:.4f} (lm {rec['lm']:.3f} "
-                    f"pos {rec['pos']:.4f} neg {rec['neg']:.4f}) lr {rec['lr']:.2e} {rec['samples_per_s']:.1f} samples/s")
-                win.update(lm=0.0, pos=0.0, neg=0.0, total=0.0, n=0, samples=0, t=time.perf_counter())
-            if step % validate_every == 0 or step == total:
-                tv = time.perf_counter()
-                metrics = evaluate(model, valid, seed=cfg.eval.seed)
-                model.train()
-                score = _primary(metrics, cfg.eval.exclude_history)
-                history["valid"].append({"step": step, "epoch": epoch + 1, **metrics,
-                                         "seconds": time.perf_counter() - tv})
-                ex, kept = metrics["history_excluded"], metrics["history_kept"]
-                say(f"[deftrec] valid step {step}: HR@10 {ex['hr@10']:.4f} NDCG@10 {ex['ndcg@10']:.4f} (history "
-                    f"excluded) | HR@10 {kept['hr@10']:.4f} NDCG@10 {kept['ndcg@10']:.4f} (kept)")
-                if score > best_score:
-                    best_score, best_state, bad = score, _trainable_state(model), 0
-                    history["best"] = {"step": step, "ndcg@10": score}
-                else:
-                    bad += 1
-                    if t.patience is not None and bad >= t.patience:
-                        say(f"[deftrec] early stop at step {step}: best NDCG@10 {best_score:.4f} "
-                            f"at step {history['best']['step']}")
-                        stop = True
-            if stop or step >= total:
-                stop = True
-                break
-        if stop:
-            break
-    timings["train"] = time.perf_counter() - t_train
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    model.eval()
-    history["seconds"] = timings
-    if out_dir is not None:
-        _save(model, cfg, history, Path(out_dir), step)
-    return model, history
+                say(step_line(p.step, total, epoch, rec, rec["lr"], rec["samples_per_s"]))
+                p.window = LossWindow()
+            stop = False
+            if p.step % validate_every == 0 or p.step == total:
+                stop = _validate(model, valid, cfg, p, epoch, history, say)
+            if stop or p.step >= total:
+                return p
+    return p
+
+
+def _validate(model: DeftRec, valid: EvalSet, cfg: DeftRecConfig, p: _Progress, epoch: int, history: dict,
+              say: Log) -> bool:
+    """Validate, keep the best state; whether patience ran out."""
+    tv = time.perf_counter()
+    metrics = evaluate(model, valid, seed=cfg.eval.seed)
+    model.train()
+    score = primary_score(metrics, cfg.eval.exclude_history)
+    history["valid"].append({"step": p.step, "epoch": epoch, **metrics, "seconds": time.perf_counter() - tv})
+    say(valid_line(p.step, metrics))
+    if score > p.best_score:
+        p.best_score, p.best_state, p.bad = score, _trainable_state(model), 0
+        history["best"] = {"step": p.step, "ndcg@10": score}
+        return False
+    p.bad += 1
+    patience = cfg.train.patience
+    if patience is not None and p.bad >= patience:
+        say(early_stop_line(p.step, p.best_score, history["best"]["step"]))
+        return True
+    return False
 
 
 def _save(model: DeftRec, cfg: DeftRecConfig, history: dict, out: Path, step: int) -> None:

@@ -1,10 +1,26 @@
-"""deftrec.training.optim."""
+"""deftrec.training.optim: the optimisation pieces shared by the Ray Train loop and :func:`train_local`.
+
+:func:`make_batch` (samples -> tokenised batch), :func:`build_optimizer` / :func:`build_scheduler`,
+:func:`train_step` (one optimiser step over a list of micro-batches: accumulate, clip, step) and the
+progress of the steps between two log lines (:class:`LossWindow`, :func:`step_line`).
+
+Learning-rate schedule (per optimiser step s, W warm-up steps, S total steps, r = min_lr_ratio)::
+
+    f(s) = (s + 1) / W                                               s < W
+    f(s) = r + (1 - r) * 0.5 * (1 + cos(pi * (s - W) / max(1, S - W)))   otherwise
+
+and each group's lr is its peak times f(s).
+"""
 
 from __future__ import annotations
+
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
+
 from deftrec.config.model import DeftRecConfig
 from deftrec.data.samples import TrainingSamples
 from deftrec.model.deftrec import DeftRec
@@ -79,3 +95,41 @@ def train_step(
         scheduler.step()
     sums["grad_norm"] = norm
     return sums
+
+
+#: The loss parts every training step reports (train_step and the DeepSpeed loop alike).
+LOSS_PARTS = ("lm", "pos", "neg", "total")
+
+
+def _zero_parts() -> dict[str, float]:
+    return dict.fromkeys(LOSS_PARTS, 0.0)
+
+
+@dataclass
+class LossWindow:
+    """The optimizer steps since the last log line: summed loss parts, samples and seconds."""
+
+    sums: dict[str, float] = field(default_factory=_zero_parts)
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+    def add(self, parts: dict[str, float], samples: int, seconds: float) -> None:
+        for key in LOSS_PARTS:
+            self.sums[key] += parts[key]
+        self.steps += 1
+        self.samples += samples
+        self.seconds += seconds
+
+    def means(self) -> dict[str, float]:
+        """Loss parts averaged over the window's steps."""
+        return {key: self.sums[key] / self.steps for key in LOSS_PARTS}
+
+    def samples_per_s(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+def step_line(step: int, total: int, epoch: int, parts: dict[str, float], lr: float, samples_per_s: float) -> str:
+    """The log line of a training step (``parts``: the mean loss parts of the window)."""
+    return (f"[deftrec] step {step}/{total} epoch {epoch} loss {parts['total']:.4f} (lm {parts['lm']:.3f} "
+            f"pos {parts['pos']:.4f} neg {parts['neg']:.4f}) lr {lr:.2e} {samples_per_s:.1f} samples/s")

@@ -1,19 +1,22 @@
-"""deftrec.training.validation."""
+"""deftrec.training.validation: validation runs during training (one process, or sliced over Ray ranks).
+
+:func:`evaluate` scores a validation set under both protocols; :class:`_Validator` runs it on this
+rank's slice and all-reduces the metrics; :func:`primary_score` is the number checkpoints and early
+stopping follow; :func:`valid_line` / :func:`early_stop_line` are the progress lines of both loops.
+"""
 
 from __future__ import annotations
+
 import contextlib
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+
 import numpy as np
 import torch
-if TYPE_CHECKING:
 
-    from deftrec.data.samples import EvalSet
-    from deftrec.model.deftrec import DeftRec
-from collections.abc import Sequence
 from deftrec.config.model import InferenceConfig
 from deftrec.data.samples import EvalSet
-from deftrec.retrieval.metrics import evaluate_in_chunks
 from deftrec.model.deftrec import DeftRec
+from deftrec.retrieval.metrics import evaluate_in_chunks
 from deftrec.retrieval.recommender import DeftRecRecommender
 from deftrec.training.dataset import shard_bounds
 
@@ -37,9 +40,6 @@ class _Validator:
     def __call__(self) -> dict[str, dict[str, float]]:
         import torch.distributed as tdist
 
-        from deftrec.retrieval.recommender import DeftRecRecommender
-        pass  # (import moved into this module)
-
         m = self.model
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with ctx:
@@ -61,8 +61,20 @@ class _Validator:
         return out
 
 
-def _primary(metrics: dict[str, dict[str, float]], exclude_history: bool) -> float:
+def primary_score(metrics: dict[str, dict[str, float]], exclude_history: bool) -> float:
+    """Validation NDCG@10 under the primary protocol: what checkpoints and early stopping follow."""
     return metrics["history_excluded" if exclude_history else "history_kept"]["ndcg@10"]
+
+
+def valid_line(step: int, metrics: dict[str, dict[str, float]]) -> str:
+    """The log line of a validation (both protocols)."""
+    ex, kept = metrics["history_excluded"], metrics["history_kept"]
+    return (f"[deftrec] valid step {step}: HR@10 {ex['hr@10']:.4f} NDCG@10 {ex['ndcg@10']:.4f} (history "
+            f"excluded) | HR@10 {kept['hr@10']:.4f} NDCG@10 {kept['ndcg@10']:.4f} (kept)")
+
+
+def early_stop_line(step: int, best_score: float, best_step: int | None) -> str:
+    return f"[deftrec] early stop at step {step}: best NDCG@10 {best_score:.4f} at step {best_step}"
 
 
 def evaluate(

@@ -1,0 +1,73 @@
+"""A servable version: one model export and the FAISS index built for it, loaded together.
+
+Batch evaluation and serving both load their recommender through :func:`load_version`, so they
+run the same retrieval path (:mod:`deftrec.retrieval.recommender`) with the same index, the same
+inference overrides and the same version pinning (an index built for another model is refused).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deftrec.config.jobs import IndexConfig
+from deftrec.core.artifacts import (
+    ArtifactError,
+    artifact_version,
+    is_complete,
+    read_manifest,
+)
+from deftrec.retrieval.index import load_index
+from deftrec.retrieval.recommender import (
+    DeftRecRecommender,
+    IndexSearch,
+    inference_overrides,
+)
+
+__all__ = ["LoadedVersion", "load_version"]
+
+
+def _load_model(model_dir: str) -> Any:
+    from deftrec.artifacts.model import load_model
+
+    return load_model(model_dir)
+
+
+@dataclass
+class LoadedVersion:
+    """Model + index of one version, ready to answer queries."""
+
+    model: Any  # deftrec.model.deftrec.DeftRec, in eval mode
+    recommender: DeftRecRecommender
+    searcher: IndexSearch
+    model_version: str
+    index_version: str
+    load_seconds: float
+
+    @property
+    def uses_user_tokens(self) -> bool:
+        return bool(self.model.cfg.tokenizer.user_tokens)
+
+
+def load_version(model_dir: str | Path, index_dir: str | Path, *, loader: Callable[[str], Any] | None = None,
+                 sampler: str | None = None, steps: int | None = None, seed: int | None = None) -> LoadedVersion:
+    """Load the export in ``model_dir`` and the index in ``index_dir`` (raises ArtifactError when either
+    is incomplete or the index was built for another model). ``sampler``/``steps``/``seed`` override
+    the trained inference settings (:func:`~deftrec.retrieval.recommender.inference_overrides`)."""
+    t0 = time.time()
+    for d, what in ((model_dir, "model export (pipelines.train)"), (index_dir, "index (pipelines.index)")):
+        if not is_complete(d):
+            raise ArtifactError(f"{d}: no complete {what}; run that stage first")
+    version = artifact_version(model_dir)
+    im = read_manifest(index_dir)
+    if im.get("model_version") not in (None, version):
+        raise ArtifactError(f"{index_dir} was built for model {im.get('model_version')}, not {version}; "
+                            "rebuild it (pipelines.index)")
+    model = (loader or _load_model)(str(model_dir))
+    model.eval()
+    rec = DeftRecRecommender(model, inference_overrides(model.cfg.eval, sampler, steps, seed))
+    searcher = IndexSearch(load_index(index_dir, IndexConfig(**im["config"])), im["metric"])
+    return LoadedVersion(model, rec, searcher, version, str(im.get("version")), time.time() - t0)
