@@ -11,7 +11,7 @@
    few real micro-batches under ``torch.utils.flop_counter.FlopCounterMode`` (every matmul /
    attention FLOP of the LLM, the continuous tokenizer and the diffusion head; no optimizer, no
    recomputation when activation checkpointing is off, as in the preset).
-3. :func:`deftrec.distributed.train_distributed` runs ``--steps`` optimizer steps on one GPU worker
+3. :func:`deftrec.training.driver.train_distributed` runs ``--steps`` optimizer steps on one GPU worker
    (DeepSpeed ZeRO ``--zero-stage``, bf16 where supported); samples/s is the training throughput of
    the last logging window of ``--window`` steps (warm-up window, validation and checkpoints excluded).
 

@@ -10,7 +10,7 @@ Prints three tables:
    the same users and seed (goal: DDIM-20 within 2% relative NDCG@10 of DDPM, >= 25x faster);
 3. FAISS ``Flat`` against ``HNSW32,Flat`` on a synthetic catalog: build time, QPS, recall@10.
 
-The model is trained in-process (``deftrec.train_local``) on ``--data`` (a preprocessed
+The model is trained in-process (``deftrec.training.local``) on ``--data`` (a preprocessed
 directory; default: a fresh synthetic one) unless ``--model-dir`` points at an export.
 """
 

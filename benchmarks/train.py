@@ -5,7 +5,7 @@
 
 For each preset the data (``stages`` of the preset's data section) and a short LightGCN run are
 prepared once in ``--workdir``; then every (ZeRO stage, worker count) runs
-:func:`deftrec.distributed.train_distributed` for ``--steps`` optimizer steps (``debug_steps``),
+:func:`deftrec.training.driver.train_distributed` for ``--steps`` optimizer steps (``debug_steps``),
 with one CPU and one torch thread per worker. samples/s is the training throughput of the last
 logging window of ``--window`` steps (so the first, warm-up window is excluded; validation and
 checkpoints are not counted), summed over workers; peak memory is the largest resident set

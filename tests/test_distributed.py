@@ -1,4 +1,4 @@
-"""Distributed DeftRec training (deftrec.distributed): DeepSpeed config, data plumbing, and real Ray Train
+"""Distributed DeftRec training (deftrec.training): DeepSpeed config, data plumbing, and real Ray Train
 runs with DeepSpeed on CPU: fault tolerance (a worker killed mid-run), resume by run name, resume on
 another worker count, ZeRO-3 consolidation.
 

@@ -1,4 +1,4 @@
-"""Serving export (deftrec.export): round trip, LoRA merge, checkpoint export, atomicity, no DeepSpeed/Ray.
+"""Serving export (deftrec.artifacts.model): round trip, LoRA merge, checkpoint export, atomicity, no DeepSpeed/Ray.
 
 Everything here runs in-process on the tiny preset (no Ray cluster): the distributed path that
 produces the checkpoints is covered by tests/test_distributed.py.

@@ -1,6 +1,6 @@
 """The collaborative-embedding artifact (method.md section 1): save, load and its fingerprint.
 
-Artifact layout (``RUN_DIR/collab``), written atomically with :func:`deftrec.io.atomic_directory`
+Artifact layout (``RUN_DIR/collab``), written atomically with :func:`deftrec.core.artifacts.atomic_directory`
 and a manifest written last, so an interrupted job never leaves a directory that looks finished::
 
     user_emb.npy      U [n_users, d_c] float32

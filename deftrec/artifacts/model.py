@@ -14,7 +14,7 @@ Layout (``RUN_DIR/model``)::
     manifest.json             written last: status, checksums of every file, provenance
 
 The directory is built under a temporary name and renamed into place once the manifest is
-complete (:func:`deftrec.io.atomic_directory`), so an interrupted export is never mistaken for a
+complete (:func:`deftrec.core.artifacts.atomic_directory`), so an interrupted export is never mistaken for a
 finished one; :func:`load_model` refuses a directory without a complete manifest.
 """
 
@@ -120,7 +120,7 @@ def export_model(model: DeftRec, out_dir: str | Path, extra: dict[str, Any] | No
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: ItemCatalog,
                       extra: dict[str, Any] | None = None, item_emb: np.ndarray | None = None,
                       user_emb: np.ndarray | None = None) -> dict:
-    """Export a training checkpoint of :mod:`deftrec.distributed` (consolidated weights + state).
+    """Export a training checkpoint of :mod:`deftrec.training` (consolidated weights + state).
 
     Rebuilds the model from the checkpoint's config (the base LLM named there must be loadable),
     loads the consolidated weights and writes the serving layout. Needs neither DeepSpeed nor Ray.

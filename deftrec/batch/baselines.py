@@ -2,7 +2,7 @@
 
 All share one small protocol (:class:`Baseline`): ``fit(train_sequences, n_items)`` then
 ``score(histories) -> float32 [U, n_items]`` (higher = better). Chunked evaluation is left
-to :func:`deftrec.metrics.evaluate_in_chunks` through a ``score_fn`` closure.
+to :func:`deftrec.retrieval.metrics.evaluate_in_chunks` through a ``score_fn`` closure.
 
 Data conventions: items are ints ``0..n_items-1``; ``train_sequences`` holds each user's
 chronological training sequence (never a target of the split being evaluated: to evaluate

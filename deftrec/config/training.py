@@ -79,7 +79,7 @@ class DistributedConfig:
     ``offload_optimizer`` moves optimizer states to CPU memory (stage 2 or 3),
     ``offload_params`` parameters too (stage 3 only). ``precision``: ``auto`` is bf16 on GPUs that
     support it and fp32 otherwise (decided on the worker, whose hardware counts).
-    ``torch_adam``: keep torch's AdamW (the optimizer of :func:`deftrec.train_local.build_optimizer`)
+    ``torch_adam``: keep torch's AdamW (the optimizer of :func:`deftrec.training.optim.build_optimizer`)
     even with optimizer offload; False uses DeepSpeedCPUAdam when offloading (faster host step,
     but a ~50 s C++ build on first use) and FusedAdam on GPUs otherwise.
     ``checkpoint_every``: optimizer steps between checkpoints (also taken after every validation

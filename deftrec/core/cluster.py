@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from deftrec.core.console import is_verbose, quiet_ray_console
+from deftrec.core.console import is_verbose, quiet_ray_console, ray_logging_level
 
 
 def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
@@ -18,7 +18,9 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
         return
     kwargs = {"ignore_reinit_error": True, "log_to_driver": True}
     if quiet:
-        kwargs["logging_level"] = "warning"
+        kwargs["logging_level"] = ray_logging_level()
+        if not is_verbose():
+            quiet_ray_console()
     if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)

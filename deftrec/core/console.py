@@ -13,12 +13,23 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["RAY_LOGGERS", "configure_console", "is_verbose", "quiet_ray_console"]
+__all__ = ["RAY_LOGGERS", "configure_console", "is_verbose", "quiet_ray_console", "ray_logging_level"]
 
 #: Ray's loggers whose INFO records are kept off the console unless --verbose.
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
-_state = {"verbose": False}
+_state: dict = {"verbose": False, "log_file": None}
+
+#: Environment of a quiet console, inherited by the Ray workers this process starts (an explicit
+#: setting in the environment wins). Workers of an already running cluster apply the same through
+#: :func:`deftrec.core.log.quiet_worker_logs`.
+VERBOSE_ENV = "DEFTREC_VERBOSE"
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",  # "new embeddings will be initialized ..." and similar notes
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # "Loading weights" / "Writing model shards" bars
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning,ignore::UserWarning",
+}
 
 
 class _Tee:
@@ -39,6 +50,10 @@ class _Tee:
         return getattr(self.stream, name)
 
 
+class _RunLogHandler(logging.StreamHandler):
+    """Ray's records below WARNING, into the run's log file (never filtered by quiet_ray_console)."""
+
+
 def _warning_and_up(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING
 
@@ -50,25 +65,47 @@ def quiet_ray_console() -> None:
     Ray has started (:func:`deftrec.core.cluster.ensure_ray`)."""
     for name in RAY_LOGGERS:
         for h in logging.getLogger(name).handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, (logging.FileHandler, _RunLogHandler)):
                 if _warning_and_up not in h.filters:
                     h.addFilter(_warning_and_up)
+
+
+def _quiet_environment() -> None:
+    import warnings
+    from importlib import resources
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    data_cfg = resources.files("deftrec") / "assets" / "ray_data_logging.yaml"
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(data_cfg))
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def is_verbose() -> bool:
     return _state["verbose"]
 
 
+def ray_logging_level() -> str:
+    """The level for ``ray.init``: INFO when a log file keeps Ray's INFO records (the console is
+    filtered by :func:`quiet_ray_console`) or with ``--verbose``, else WARNING."""
+    return "info" if (_state["verbose"] or _state["log_file"] is not None) else "warning"
+
+
 def configure_console(verbose: bool = False, log_file: str | os.PathLike | None = None) -> None:
     """Set up the console for a command; with ``log_file``, keep a full copy of its output there."""
     _state["verbose"] = verbose
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    if not verbose:
+        _quiet_environment()
     if log_file is not None:
         path = Path(log_file)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _state["log_file"] = path
         f = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the process
         sys.stdout = _Tee(sys.stdout, f)
         sys.stderr = _Tee(sys.stderr, f)
-        handler = logging.StreamHandler(f)
+        handler = _RunLogHandler(f)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
         # WARNING and above reach the file through the console tee already

@@ -2,7 +2,7 @@
 
 Line writers (:data:`Log`): :func:`writer` (a job's ``log=`` argument, None = silent) and
 :func:`rank_zero` (Ray Train workers: rank 0 writes, the others are silent), and
-:func:`quiet_ray_train_reports` for Ray Train workers. The entry points' console and log-file
+:func:`quiet_worker_logs` for Ray Train workers. The entry points' console and log-file
 set-up is :mod:`deftrec.core.console`. This module imports no other project module.
 """
 
@@ -51,3 +51,24 @@ def quiet_ray_train_reports() -> None:
     except ImportError:  # Train V1, or another layout: nothing of the kind to quiet
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def quiet_worker_logs() -> None:
+    """Worker-side console hygiene: Ray Train's per-report records always, and unless the command
+    runs with ``--verbose`` (``DEFTREC_VERBOSE=1``) library warnings and notes too, so a worker prints
+    only its progress lines. Call it first thing in a Ray Train worker."""
+    import os
+    import warnings
+
+    quiet_ray_train_reports()
+    if os.environ.get("DEFTREC_VERBOSE") == "1":
+        return
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()

@@ -1,7 +1,7 @@
 """deftrec.training.collab_job: LightGCN as a Ray Train job (TorchTrainer, DDP) -> RUN_DIR/collab.
 
 Console: rank 0 writes LightGCN's progress lines; the other ranks are silent, and Ray Train's
-per-report log records are quieted (:func:`deftrec.core.log.quiet_ray_train_reports`).
+per-report log records are quieted (:func:`deftrec.core.log.quiet_worker_logs`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from deftrec.artifacts.collab import (
     load_collab,
     save_collab,
 )
-from deftrec.core.log import Log, quiet_ray_train_reports, rank_zero, writer
+from deftrec.core.log import Log, quiet_worker_logs, rank_zero, writer
 
 
 @dataclass
@@ -48,7 +48,7 @@ def _collab_worker(config: dict) -> None:
 
     from deftrec.training.lightgcn import train_lightgcn
 
-    quiet_ray_train_reports()
+    quiet_worker_logs()
     ctx: _CollabContext = config["context"]
     if isinstance(ctx, ray.ObjectRef):
         ctx = ray.get(ctx)
@@ -84,7 +84,7 @@ def train_collab_distributed(
     """LightGCN as a Ray Train job (TorchTrainer; DDP over ``dist.num_workers`` workers) -> ``out_dir``.
 
     Trains on the training sequences s[:-2] only; early stopping and the returned embeddings follow
-    validation HR@10 (see :func:`~deftrec.model.lightgcn.train_lightgcn`). The Ray Train run is
+    validation HR@10 (see :func:`~deftrec.training.lightgcn.train_lightgcn`). The Ray Train run is
     ``{storage}/{dist.name}-collab``, or ``{storage}/{run_name}`` when ``dist.name`` is unset (default
     storage ``out_dir/../ray_results``). LightGCN trains in
     minutes, so a restarted worker group starts it over (``dist.max_failures`` restarts).

@@ -40,7 +40,7 @@ Ray's controller collects reports by polling the workers (every 2 s): a worker l
 window after a report can lose that checkpoint, and the run resumes from the one before.
 
 Everything that needs Ray or DeepSpeed is imported inside functions: importing this module is
-cheap, and serving code never imports them (see :mod:`deftrec.export`).
+cheap, and serving code never imports them (see :mod:`deftrec.artifacts.model`).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def train_distributed(
         step_callback: ``f(step, rank)`` run on every worker after each optimizer step.
 
     Raises:
-        deftrec.io.ArtifactError when the data or the collaborative embeddings are missing;
+        deftrec.core.artifacts.ArtifactError when the data or the collaborative embeddings are missing;
         ValueError when an earlier run with the same storage/name used another configuration.
     """
     import ray

@@ -85,7 +85,7 @@ def evaluate(
     batch_size: int | None = None,
     eval_cfg: InferenceConfig | None = None,
 ) -> dict[str, dict[str, float]]:
-    """HR/NDCG/MRR@K of ``eval_set`` under both protocols (full catalog, see deftrec.metrics).
+    """HR/NDCG/MRR@K of ``eval_set`` under both protocols (full catalog, see deftrec.retrieval.metrics).
 
     ``eval_cfg`` overrides the model's inference settings (sampler, steps, score...). Noise is keyed
     by user id, so the same users give the same numbers whatever the chunking.

@@ -16,6 +16,7 @@ number of times.
 from __future__ import annotations
 
 import contextlib
+import os
 import dataclasses
 import tempfile
 import time
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from deftrec.model.deftrec import DeftRec
 from deftrec.artifacts.model import load_consolidated
 from deftrec.config.training import DistributedConfig
-from deftrec.core.log import Log, quiet_ray_train_reports, rank_zero
+from deftrec.core.log import Log, quiet_worker_logs, rank_zero
 from deftrec.training.checkpoint import (
     DS_DIR,
     DS_TAG,
@@ -117,7 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
 
-    quiet_ray_train_reports()
+    quiet_worker_logs()
     ctx = config["context"]
     if isinstance(ctx, ray.ObjectRef):
         ctx = ray.get(ctx)
@@ -221,6 +222,8 @@ def _build_engine(ctx: _WorkerContext, cfg: DeftRecConfig, device: torch.device,
     Restored consolidated weights are loaded before ``deepspeed.initialize`` so that ZeRO partitions
     them (the trainable ones only when the DeepSpeed states cannot be restored: another layout).
     """
+    if not ctx.dist.use_gpu:  # DeepSpeed would probe for one and warn "Setting accelerator to CPU" per rank
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     from deftrec.model.deftrec import DeftRec, DeftRecTask
