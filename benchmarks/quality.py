@@ -7,9 +7,10 @@
 preprocessed on Ray into ``--work``) or an already preprocessed directory.
 
 Prints one table: DeftRec (one row per ``--eval-steps`` DDIM setting, all from the same trained
-model) and popularity / last-item Markov / EASE on the SAME test users, HR@5/10/20 and NDCG@5/10/20
-under both protocols (full catalog; "excl" = history items removed from the ranking, the standard
-protocol; "kept" = nothing removed, the authors' default). Baselines are fit on everything before
+model) and popularity / last-item Markov / EASE / SASRec on the SAME test users, HR@5/10/20 and
+NDCG@5/10/20 under both protocols (full catalog; "excl" = every item of the user's sequence before
+the target removed from every model's ranking, the standard protocol; "kept" = nothing removed, the
+authors' default). Baselines are fit on everything before
 the test target (s[:-1]); DeftRec's LightGCN sees s[:-2] only. Then train time, inference speed
 (users/s) and the peak RSS of one training step of the preset with batch 4 and 20-item histories,
 measured in a fresh subprocess (goal: < 6 GB for the cpu preset).
@@ -92,7 +93,8 @@ def _evaluate_deftrec(model, test, step_counts: list[int], seed: int) -> dict[in
             scores = torch.cat([r.scores(r.sample(c, test.users[i * bs:i * bs + c.shape[0]], seed))
                                 for i, c in enumerate(conds)]).cpu().numpy()
         dt = t_cond + time.perf_counter() - t0
-        out[steps] = (evaluate_both_protocols(scores, test.targets, list(test.histories), KS), len(test) / dt)
+        # the same exclusion as every baseline: the whole sequence before the target
+        out[steps] = (evaluate_both_protocols(scores, test.targets, list(test.exclusions), KS), len(test) / dt)
     return out
 
 
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "deftrec-quality")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     p.add_argument("--skip-rss", action="store_true", help="do not measure the training-step RSS")
+    p.add_argument("--baselines", default="popularity,markov,ease,sasrec", help="baselines beside DeftRec")
     p.add_argument("--measure-rss", action="store_true", help=argparse.SUPPRESS)  # subprocess mode
     a = p.parse_args(argv)
 
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from deftrec.batch.baselines import run_baselines
+    from deftrec.batch.registry import build_baselines
     from deftrec.config.pipeline import load_deftrec_config
     from deftrec.data.samples import load_dataset
     from deftrec.training.local import train_local
@@ -198,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                                                           a.seed).items():
         rows.append((f"DeftRec ({cfg.condition}, DDIM {steps})", metrics))
         speeds.append((steps, users_per_s))
-    base = run_baselines(data.sequences_before("test"), list(test.histories), test.targets, data.n_items, ks=KS)
+    models = build_baselines([b for b in a.baselines.split(",") if b], log=lambda s: print(s, flush=True))
+    t0 = time.perf_counter()
+    base = run_baselines(data.sequences_before("test"), list(test.exclusions), test.targets, data.n_items, ks=KS,
+                         models=models)
+    t_base = time.perf_counter() - t0
     rows += list(base.items())
 
     rss = None if a.skip_rss else _rss_subprocess(a.preset, a.set)
@@ -210,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     best = history.get("best") or {}
     print(f"\ntrain: {t_train:.0f} s wall ({history['seconds']}), best validation NDCG@10 "
           f"{best.get('ndcg@10', float('nan')):.4f} at step {best.get('step')}")
+    print(f"baselines: {t_base:.0f} s (fit and score, SASRec training included)")
     print("inference: " + ", ".join(f"DDIM {s}: {v:.1f} users/s" for s, v in speeds)
           + (" (includes reasoning generation)" if model.cfg.needs_generation else ""))
     if rss is not None:

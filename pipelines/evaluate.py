@@ -26,18 +26,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--explain", action="store_true", help="also generate the reasoning text")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--baselines", help="comma-separated baselines beside DeftRec (default: popularity,markov,"
+                   "ease,sasrec)")
     p.add_argument("--force", action="store_true", help="re-evaluate even if DIR/eval is up to date")
     a = p.parse_args(argv)
 
     def body() -> int:
         from deftrec.batch.evaluate import run_evaluation
+        from deftrec.batch.report import format_table
         from deftrec.config.jobs import EvaluateJobConfig
         from deftrec.core.config import from_dict
 
         cfg = from_dict(EvaluateJobConfig, {k: v for k, v in {
             "split": a.split, "limit": a.limit, "sampler": a.sampler, "steps": a.steps, "seed": a.seed,
-            "explain": a.explain, "batch_size": a.batch_size, "actors": a.actors}.items() if v is not None}, "evaluate")
+            "explain": a.explain, "batch_size": a.batch_size, "actors": a.actors,
+            "baselines": a.baselines}.items() if v is not None}, "evaluate")
         m = run_evaluation(a.run_dir, cfg, force=a.force)
+        print(format_table(m))
         print(f"[evaluate] wrote {a.run_dir}/eval (metrics.json, recs.parquet, report.md, report.png); "
               f"{m['seconds']['total']:.1f}s")
         return 0

@@ -138,6 +138,49 @@ def test_evaluation_metrics_recs_and_determinism(run):
                                   np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False)))
 
 
+def test_every_model_and_validation_exclude_the_whole_history(run):
+    """DeftRec (batch job), the baselines and validation leave out the same items for a user: the whole
+    sequence before the target, items older than the prompt's max_history window included."""
+    from deftrec.artifacts.model import load_model
+    from deftrec.batch.baselines import BASELINES, run_baselines
+    from deftrec.batch.evaluate import run_evaluation
+    from deftrec.config.jobs import EvaluateJobConfig
+    from deftrec.data.samples import load_dataset
+    from deftrec.retrieval.metrics import evaluate_both_protocols
+    from deftrec.retrieval.recommender import DeftRecRecommender
+    from deftrec.training.validation import evaluate
+
+    data = load_dataset(run / "data")
+    es = data.test.subset(np.arange(60))
+    max_history = data.manifest["config"]["max_history"]
+    long = [i for i, h in enumerate(es.histories) if len(es.exclusions[i]) > len(h)]
+    assert long and all(len(es.histories[i]) == max_history for i in long)
+    for i in range(len(es)):  # the exclusion set is everything before the target
+        np.testing.assert_array_equal(es.exclusions[i], data.sequences[i][:-1])
+    # DeftRec through the batch job (FAISS): no excluded list holds any item of the whole history
+    m = run_evaluation(run, EvaluateJobConfig(limit=60, batch_size=16), log=lambda s: None, force=True)
+    recs = pq.read_table(run / "eval" / "recs.parquet").sort_by("user")
+    for row, seen in zip(recs.column("items_excluded").to_numpy(zero_copy_only=False), es.exclusions):
+        assert not set(row.tolist()) & set(seen.tolist())
+    # the baselines in the report are the baselines scored and masked with that same set
+    names = [n for n in m["results"] if n != "deftrec"]
+    ref = run_baselines(list(data.sequences_before("test")), list(es.exclusions), es.targets, data.n_items,
+                        models={n: BASELINES[n]() for n in names})
+    for n in names:
+        for proto in ("history_excluded", "history_kept"):
+            for key, value in m["results"][n][proto].items():
+                assert value == pytest.approx(ref[n][proto][key]), (n, proto, key)
+    # validation masks the same set: its metrics equal exact scores masked with the whole history
+    model = load_model(run / "model")
+    got = evaluate(model, es, seed=3)
+    scores = DeftRecRecommender(model).score_users(es.histories, es.users, seed=3)
+    want = evaluate_both_protocols(scores, es.targets, es.exclusions, ks=model.cfg.eval.k)
+    for proto in want:
+        for key, value in want[proto].items():
+            assert got[proto][key] == pytest.approx(value), (proto, key)
+    assert 0 < got["history_excluded"]["ndcg@10_se"] < 0.2  # the standard error comes with it
+
+
 def test_evaluation_refuses_missing_stages(tmp_path):
     from deftrec.batch.evaluate import run_evaluation
     from deftrec.config.jobs import EvaluateJobConfig
@@ -181,12 +224,17 @@ def test_endpoint_matches_batch_evaluation(run, server):
         recs.column("items_kept").to_numpy(zero_copy_only=False))]
     items = pq.read_table(run / "data" / "items.parquet").sort_by("item").column("item_id").to_pylist()
     users = dict(zip(pq.read_table(run / "data" / "users.parquet").column("user").to_pylist(), _users(run)))
-    test = {r["user"]: r["history"] for r in pq.read_table(run / "data" / "test.parquet").to_pylist()}
+    # the whole sequence before the test target: the prompt reads its newest max_history items (the
+    # split's window), and the ranking excludes all of it, as batch evaluation does
+    seqs = {r["user"]: r["items"][:-1] for r in pq.read_table(run / "data" / "sequences.parquet").to_pylist()}
+    max_history = read_manifest(run / "data")["config"]["max_history"]
+    assert any(len(seqs[r["user"]]) > max_history for r in recs[:4])  # items older than the window count too
     for r in recs[:4]:
-        body = {"user_id": users[r["user"]], "history": [items[i] for i in test[r["user"]]], "k": 10}
+        body = {"user_id": users[r["user"]], "history": [items[i] for i in seqs[r["user"]]], "k": 10}
         got = server.post("/recommend", json=body)
         assert got.status_code == 200, got.text
         assert [x["item_id"] for x in got.json()["items"]] == [items[i] for i in r["items_excluded"][:10]]
+        assert not {x["item_id"] for x in got.json()["items"]} & {items[i] for i in seqs[r["user"]]}
         kept = server.post("/recommend", json={**body, "exclude_history": False}).json()
         assert [x["item_id"] for x in kept["items"]] == [items[i] for i in r["items_kept"][:10]]
 
@@ -203,6 +251,15 @@ def test_endpoint_response_and_routes(run, server):
     item = body["items"][0]
     assert server.get(f"/items/{item['item_id']}").json() == {k: item[k] for k in ("item_id", "title", "category")}
     assert "/recommend" in server.get("/openapi.json").json()["paths"]
+
+
+def test_endpoint_excludes_a_history_longer_than_the_prompt(run, server):
+    items = pq.read_table(run / "data" / "items.parquet").sort_by("item").column("item_id").to_pylist()
+    history = items[:60]  # far more than max_history (20): the prompt reads the newest 20
+    got = server.post("/recommend", json={"history": history, "k": 50}).json()["items"]
+    assert len(got) == 50 and not {x["item_id"] for x in got} & set(history)
+    kept = server.post("/recommend", json={"history": history, "k": 100, "exclude_history": False}).json()["items"]
+    assert {x["item_id"] for x in kept} & set(history[:40])  # without exclusion the old items do come back
 
 
 @pytest.mark.parametrize("body,status,needle", [

@@ -1,4 +1,5 @@
-"""Non-neural baselines reported beside DeftRec: popularity, last-item Markov chain, EASE.
+"""Baselines reported beside DeftRec: popularity, last-item Markov chain, EASE (here) and SASRec
+(:mod:`deftrec.batch.sasrec`).
 
 All share one small protocol (:class:`Baseline`): ``fit(train_sequences, n_items)`` then
 ``score(histories) -> float32 [U, n_items]`` (higher = better). Chunked evaluation is left
@@ -248,6 +249,7 @@ class EASE(_Fitted):
 # --------------------------------------------------------------------------- runner
 
 BASELINES: dict[str, type] = {"popularity": Popularity, "markov": MarkovLastItem, "ease": EASE}
+
 
 
 def run_baselines(

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deftrec.artifacts.served import load_version
-from deftrec.batch.report import KS, PROTOCOL, format_table, write_report
+from deftrec.batch.report import KS, PROTOCOL, write_report
 from deftrec.config.jobs import EvaluateJobConfig
 from deftrec.core.artifacts import (
     ArtifactError,
@@ -60,10 +60,11 @@ class BatchRecommender:
         v = self.version
         users = np.array(batch["user"], dtype=np.int64)  # a writable copy: torch wraps it
         histories = [np.asarray(h, dtype=np.int64) for h in batch["history"]]
+        exclude = [np.asarray(h, dtype=np.int64) for h in batch["exclude"]]
         q = v.recommender.queries(histories, users=users if v.uses_user_tokens else None, keys=users,
                                   explain=self.explain)
         t0 = time.perf_counter()
-        ex_ids, ex_sc = v.searcher.search(q.vectors, self.k, exclude=histories)
+        ex_ids, ex_sc = v.searcher.search(q.vectors, self.k, exclude=exclude)
         kp_ids, kp_sc = v.searcher.search(q.vectors, self.k)
         t_search = time.perf_counter() - t0
         n = len(users)
@@ -108,8 +109,11 @@ def evaluation_fingerprint(run_dir: str | Path, cfg: EvaluateJobConfig) -> str:
 
 
 def _user_rows(es) -> pa.Table:
+    """One row per user: the prompt's ``history`` (the split's window), the ``exclude`` list (the whole
+    sequence before the target: what every model leaves out of its ranking) and the ``target``."""
     return pa.table({"user": pa.array(es.users, pa.int64()),
                      "history": pa.array([h.tolist() for h in es.histories], pa.list_(pa.int64())),
+                     "exclude": pa.array([h.tolist() for h in es.exclusions], pa.list_(pa.int64())),
                      "target": pa.array(es.targets, pa.int64())})
 
 
@@ -134,14 +138,16 @@ def _recommend_users(rows: pa.Table, run_dir: Path, cfg: EvaluateJobConfig, out:
     return recs
 
 
-def _baseline_results(data, es, split: str) -> dict:
-    """Popularity, Markov and EASE on the same users: fit on every user's sequence before the
-    split's target, scored with each user's full history."""
+def _baseline_results(data, es, split: str, cfg: EvaluateJobConfig, log: Callable) -> dict:
+    """The baselines on the same users: fit on every user's sequence before the split's target,
+    scored with each user's whole sequence before the target, which is also what they exclude
+    (the same ``es.exclusions`` DeftRec excludes)."""
     from deftrec.batch.baselines import run_baselines
+    from deftrec.batch.registry import build_baselines
 
     fit = data.sequences_before(split)
-    full_hist = fit[np.searchsorted(data.users, es.users)]
-    base = run_baselines(list(fit), list(full_hist), es.targets, data.n_items, KS)
+    models = build_baselines(cfg.baselines, cfg.sasrec, log=log)
+    base = run_baselines(list(fit), list(es.exclusions), es.targets, data.n_items, KS, models=models)
     return {name: {p: _select(v) for p, v in protos.items()} for name, protos in base.items()}
 
 
@@ -175,7 +181,7 @@ def run_evaluation(run_dir: str | Path, cfg: EvaluateJobConfig, log: Callable = 
         seconds = {s: float(np.sum(recs.column(f"seconds_{s}").to_numpy()))
                    for s in ("load", "condition", "sample", "search")}
         t0 = time.time()
-        results = {"deftrec": metrics_from_recs(recs), **_baseline_results(data, es, cfg.split)}
+        results = {"deftrec": metrics_from_recs(recs), **_baseline_results(data, es, cfg.split, cfg, log)}
         seconds["baselines"] = time.time() - t0
         top10 = np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False))[:, :10]
         seconds["total"] = time.time() - t_all
@@ -193,5 +199,6 @@ def run_evaluation(run_dir: str | Path, cfg: EvaluateJobConfig, log: Callable = 
         write_report(metrics, tmp)
         finish_manifest(tmp, {"kind": "evaluation", "schema_version": 1, "config": to_dict(cfg), "fingerprint": fp,
                               "model_version": metrics["model_version"], "index_version": metrics["index_version"]})
-    log(format_table(metrics))
+    log(f"[evaluate] wrote {out}: DeftRec test NDCG@10 {results['deftrec']['history_excluded']['ndcg@10']:.4f} "
+        f"(history excluded), {len(results) - 1} baseline(s) beside it")
     return metrics

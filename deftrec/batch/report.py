@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 
 KS = (5, 10, 20)
-PROTOCOL = ("leave-one-out; full-catalog ranking (no sampled negatives); history_excluded removes the user's "
-            "history items from the ranking, history_kept does not; baselines fit on every user's sequence "
-            "before the split's target and score the same users with their full history")
+PROTOCOL = ("leave-one-out; full-catalog ranking (no sampled negatives); every model is scored on the same "
+            "users by the same metrics code; history_excluded removes from every model's ranking (DeftRec, each "
+            "baseline, validation and the endpoint alike) every item of the user's sequence before the target, "
+            "however old (the prompt reads only the newest max_history of them); history_kept removes nothing; "
+            "the baselines fit on every user's sequence before the split's target (SASRec early-stops on the last "
+            "item of it) and score each user from that whole sequence")
 
 
 

@@ -9,6 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from deftrec.config.baselines import SASRecConfig
+
+#: The baselines an evaluation can report beside DeftRec (deftrec.batch.baselines), in report order.
+BASELINE_NAMES = ("popularity", "markov", "ease", "sasrec")
+
 
 @dataclasses.dataclass
 class IndexConfig:
@@ -42,8 +47,16 @@ class EvaluateJobConfig:
     actors: int = 1  # model replicas in the actor pool
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    # baselines computed beside DeftRec on the same users (all four by default; drop "sasrec" for speed)
+    baselines: list[str] = dataclasses.field(default_factory=lambda: list(BASELINE_NAMES))
+    sasrec: SASRecConfig = dataclasses.field(default_factory=SASRecConfig)
 
     def __post_init__(self):
+        unknown = [b for b in self.baselines if b not in BASELINE_NAMES]
+        if unknown:
+            raise ValueError(f"evaluate.baselines: unknown baseline(s) {unknown}; known: {list(BASELINE_NAMES)}")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"evaluate.baselines lists a baseline twice: {self.baselines}")
         if self.split not in ("test", "valid"):
             raise ValueError(f"split must be 'test' or 'valid', got {self.split!r}")
         if self.sampler not in (None, "ddim", "ddpm"):

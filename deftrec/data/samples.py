@@ -17,6 +17,7 @@ same flat sequence array, so building millions of samples copies no item ids.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 _SPLITS = ("train", "valid", "test")
+#: Items dropped from the end of a full sequence to get what precedes each split's target.
+_DROP = {"train": 3, "valid": 2, "test": 1}
 _FILES = ("sequences.parquet", "items.parquet") + tuple(f"{s}.parquet" for s in _SPLITS)
 
 
@@ -175,21 +178,33 @@ class ItemCatalog:
 
 @dataclass(frozen=True, eq=False)
 class EvalSet:
-    """Rows of one split table: users [n], histories (Ragged), targets [n], sorted by user."""
+    """Rows of one split table, sorted by user: users [n], histories (Ragged: the prompt's input, at
+    most ``max_history`` newest items), targets [n], and ``seen`` (Ragged: the user's whole sequence
+    before the target, what every model excludes from the ranking under the history-excluded
+    protocol). Without ``seen``, the histories are taken to be the whole sequence."""
 
     users: np.ndarray
     histories: Ragged
     targets: np.ndarray
+    seen: Ragged | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.users) == len(self.histories) == len(self.targets)):
             raise ValueError("users, histories and targets must have the same length")
+        if self.seen is not None and len(self.seen) != len(self.users):
+            raise ValueError("seen must have one row per user")
 
     def __len__(self) -> int:
         return int(self.users.size)
 
+    @property
+    def exclusions(self) -> Ragged:
+        """The items each user's ranking excludes (history excluded): everything before the target."""
+        return self.seen if self.seen is not None else self.histories
+
     def subset(self, index) -> EvalSet:
-        return EvalSet(self.users[index], self.histories[index], self.targets[index])
+        return EvalSet(self.users[index], self.histories[index], self.targets[index],
+                       None if self.seen is None else self.seen[index])
 
     def sample(self, n: int | None, seed: int) -> EvalSet:
         """A fixed random subset of ``n`` rows (all rows when n is None or >= len), in user order."""
@@ -235,11 +250,11 @@ class PreprocessedData:
         return self.sequences.drop_last(2)
 
     def sequences_before(self, split: str) -> Ragged:
-        """Everything before the split's target: s[:-2] for valid, s[:-1] for test (baselines' fit data)."""
-        drop = {"train": 3, "valid": 2, "test": 1}
-        if split not in drop:
-            raise ValueError(f"split must be one of {list(drop)}, got {split!r}")
-        return self.sequences.drop_last(drop[split])
+        """Everything before the split's target: s[:-2] for valid, s[:-1] for test (baselines' fit data,
+        and each split's ``seen``)."""
+        if split not in _DROP:
+            raise ValueError(f"split must be one of {list(_DROP)}, got {split!r}")
+        return self.sequences.drop_last(_DROP[split])
 
     def split(self, name: str) -> EvalSet:
         if name not in _SPLITS:
@@ -285,6 +300,8 @@ def load_dataset(path: str | Path) -> PreprocessedData:
             raise ArtifactError(f"{root}: {name}.parquet has item ids outside the catalog [0, {n_items})")
     if sequences.values.size and (sequences.values.min() < 0 or sequences.values.max() >= n_items):
         raise ArtifactError(f"{root}: sequences.parquet has item ids outside the catalog [0, {n_items})")
+    # the split tables hold the prompt's window; what is excluded is everything before the target
+    splits = {name: dataclasses.replace(es, seen=sequences.drop_last(_DROP[name])) for name, es in splits.items()}
     return PreprocessedData(root=root, users=users, sequences=sequences, catalog=catalog, n_users=int(users.max()) + 1,
                    n_items=n_items, manifest=manifest, **splits)
 

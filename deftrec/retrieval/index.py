@@ -90,11 +90,15 @@ def search(index, queries: np.ndarray, k: int, metric: str = "l2",
     scores = -dist if metric == "l2" else dist
     scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
     if exclude is not None and extra:
-        width = max(extra, 1)
-        hist = np.full((len(q), width), -2, dtype=np.int64)
-        for r, e in enumerate(exclude):  # padding only: O(total history), not a per-item loop
-            hist[r, : len(e)] = np.asarray(e, dtype=np.int64)
-        banned = (ids[:, :, None] == hist[:, None, :]).any(-1) | (ids < 0)
+        # (row, item) keys of every excluded pair, matched against the results in one vectorised
+        # isin: memory O(results + exclusions), whatever the longest history
+        lengths = np.fromiter((len(e) for e in exclude), dtype=np.int64, count=len(q))
+        rows = np.repeat(np.arange(len(q), dtype=np.int64), lengths)
+        cols = np.concatenate([np.asarray(e, dtype=np.int64).reshape(-1) for e in exclude]) if lengths.sum() else \
+            np.zeros(0, np.int64)
+        stride = np.int64(n_total + 1)
+        found = np.arange(len(q), dtype=np.int64)[:, None] * stride + np.where(ids < 0, n_total, ids)
+        banned = np.isin(found, rows * stride + cols) | (ids < 0)
         order = np.argsort(banned, axis=1, kind="stable")[:, :k]
         ids = np.take_along_axis(ids, order, 1)
         scores = np.take_along_axis(scores, order, 1)

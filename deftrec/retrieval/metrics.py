@@ -209,8 +209,10 @@ def mrr(ranks: Any, k: int | None = None) -> float:
     return float(rr.mean())
 
 
-def _metric_sums(ranks: np.ndarray, ks: tuple[int, ...], n_items: int | None) -> dict[str, float]:
-    """Per-metric sums over users (not means), so that chunks can be added up exactly."""
+def _metric_sums(ranks: np.ndarray, ks: tuple[int, ...], n_items: int | None,
+                 squares: bool = False) -> dict[str, float]:
+    """Per-metric sums over users (not means), so that chunks can be added up exactly. With
+    ``squares``, also the sums of squares of HR@K and NDCG@K (``*_sq``), for standard errors."""
     n = ranks.size
     out: dict[str, float] = {}
     for k in ks:
@@ -220,6 +222,10 @@ def _metric_sums(ranks: np.ndarray, ks: tuple[int, ...], n_items: int | None) ->
         out[f"hr@{k}"] = hit_rate(ranks, kk) * n
         out[f"ndcg@{k}"] = ndcg(ranks, kk) * n
         out[f"mrr@{k}"] = mrr(ranks, kk) * n
+        if squares:
+            gain = np.where(ranks < kk, 1.0 / np.log2(ranks.astype(np.float64) + 2.0), 0.0)
+            out[f"hr@{k}_sq"] = float((ranks < kk).sum())
+            out[f"ndcg@{k}_sq"] = float((gain * gain).sum())
     if n_items is not None:
         out["mrr"] = mrr(ranks, n_items) * n
     return out
@@ -229,6 +235,22 @@ def _means(sums: Mapping[str, float], n_users: int) -> dict[str, float]:
     if n_users == 0:
         raise ValueError("cannot evaluate zero users")
     return {name: value / n_users for name, value in sums.items()}
+
+
+def standard_errors(means: Mapping[str, float], n_users: int) -> dict[str, float]:
+    """Turn the mean squares ``<metric>_sq`` of :func:`evaluate_in_chunks` (``with_se=True``) into
+    standard errors of the means, ``<metric>_se = sqrt(sample variance / n)``; other keys unchanged.
+
+    Mean squares average linearly, so results of several ranks can be combined (weighted by their
+    user counts) before this step."""
+    out = {k: v for k, v in means.items() if not k.endswith("_sq")}
+    for key, sq in means.items():
+        if key.endswith("_sq"):
+            base = key[:-3]
+            mean = means[base]
+            var = max(sq - mean * mean, 0.0) * n_users / max(n_users - 1, 1)
+            out[f"{base}_se"] = float(np.sqrt(var / n_users))
+    return out
 
 
 def evaluate_scores(
@@ -294,8 +316,10 @@ def evaluate_in_chunks(
     histories: Histories,
     chunk_size: int,
     ks: Sequence[int] = (5, 10, 20),
+    with_se: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Both protocols, scoring ``chunk_size`` users at a time.
+    """Both protocols, scoring ``chunk_size`` users at a time (``with_se``: also the mean squares
+    ``hr@K_sq``/``ndcg@K_sq``, see :func:`standard_errors`).
 
     ``user_idx`` [U] holds whatever identifies a user to ``score_fn`` (ids or positions);
     ``targets[i]`` and ``histories[i]`` belong to ``user_idx[i]``. ``score_fn`` receives a
@@ -330,7 +354,7 @@ def evaluate_in_chunks(
             ("history_kept", block),
             ("history_excluded", mask_history(block, histories[start:stop])),
         ):
-            chunk_sums = _metric_sums(target_ranks(s, t_chunk), ks, n_items)
+            chunk_sums = _metric_sums(target_ranks(s, t_chunk), ks, n_items, squares=with_se)
             acc = sums[protocol]
             for name, value in chunk_sums.items():
                 acc[name] = acc.get(name, 0.0) + value

@@ -274,13 +274,16 @@ class DeftRecRecommender:
     @torch.no_grad()
     def recommend(self, histories: Histories, users: Sequence[int] | np.ndarray | None = None, k: int = 10,
                   exclude_history: bool | None = None, explain: bool = False, seed: int | None = None,
-                  batch_size: int | None = None, searcher: ExactSearch | IndexSearch | None = None
-                  ) -> Recommendations:
-        """Top-``k`` items per user (history items removed when ``exclude_history``, default from
-        the config). ``explain=True`` also returns the generated reasoning text. ``searcher``:
-        exact search against E (default) or a FAISS :class:`IndexSearch`."""
+                  batch_size: int | None = None, searcher: ExactSearch | IndexSearch | None = None,
+                  exclude: Sequence[Any] | None = None) -> Recommendations:
+        """Top-``k`` items per user. With ``exclude_history`` (default from the config) the ranking
+        leaves out ``exclude[i]`` (default: the histories themselves; pass the whole sequence when the
+        histories are the prompt's truncated window). ``explain=True`` also returns the generated
+        reasoning text. ``searcher``: exact search against E (default) or a FAISS :class:`IndexSearch`."""
         n = len(histories)
         keys = self._keys(n, users)
+        if exclude is not None and len(exclude) != n:
+            raise ValueError(f"got {len(exclude)} exclusion lists for {n} histories")
         if not 1 <= k <= self.model.n_items:
             raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
         excl = self.cfg.exclude_history if exclude_history is None else exclude_history
@@ -291,7 +294,8 @@ class DeftRecRecommender:
                 chunk = histories[s:e]
                 q = self.queries(chunk, users=None if users is None else keys[s:e], keys=keys[s:e],
                                  explain=explain, seed=seed)
-                it, v = searcher.search(q.vectors, k, exclude=chunk if excl else None)
+                banned = (chunk if exclude is None else exclude[s:e]) if excl else None
+                it, v = searcher.search(q.vectors, k, exclude=banned)
                 items.append(it), scores.append(v)
                 if q.reasoning is not None:
                     texts.extend(q.reasoning)

@@ -129,15 +129,17 @@ class Ingress:
         t0 = time.perf_counter()
         try:
             user = self.catalog.user(req.user_id) if req.user_id is not None else None
+            # the prompt reads the newest max_history items; exclusion covers the whole history
             if req.history is not None:
-                history = self.catalog.items(req.history)[-self.catalog.max_history:]
+                seen = self.catalog.items(req.history)
             else:
-                history = self.catalog.stored_history(user)
+                seen = self.catalog.seen_items(user)
+            history = seen[-self.catalog.max_history:]
         except UnknownId as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
         k = min(req.k, self.catalog.n_items)
         q = Query(history=history, key=user if user is not None else history_key(history, self.user_offset),
-                  user=user, k=k, exclude_history=req.exclude_history, explain=req.explain)
+                  user=user, k=k, exclude_history=req.exclude_history, explain=req.explain, exclude=seen)
         if self.local is not None:
             res = await self.local.recommend(q)
         else:

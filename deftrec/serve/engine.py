@@ -75,13 +75,18 @@ class ServingCatalog:
             out[j] = idx
         return out
 
-    def stored_history(self, user: int) -> np.ndarray:
-        """The user's most recent ``max_history`` interactions (everything we know, test item included)."""
+    def seen_items(self, user: int) -> np.ndarray:
+        """Every stored interaction of the user, oldest first (test item included): what a request
+        with ``exclude_history`` leaves out, however long."""
         pos = int(np.searchsorted(self._seq_users, user))
         if pos >= len(self._seq_users) or self._seq_users[pos] != user:
             raise UnknownId("user_id", user)
         s, e = self._offsets[pos], self._offsets[pos + 1]
-        return self._values[max(s, e - self.max_history):e].astype(np.int64)
+        return self._values[s:e].astype(np.int64)
+
+    def stored_history(self, user: int) -> np.ndarray:
+        """The user's most recent ``max_history`` interactions: what the prompt reads."""
+        return self.seen_items(user)[-self.max_history:]
 
     def describe(self, idx: int) -> dict:
         return {"item_id": self.item_ids[idx], "title": self.titles[idx], "category": self.categories[idx]}
@@ -89,12 +94,20 @@ class ServingCatalog:
 
 @dataclasses.dataclass
 class Query:
-    history: np.ndarray  # item indices, oldest first
+    history: np.ndarray  # item indices, oldest first: what the prompt reads (at most max_history)
     key: int  # noise key: the user index for known users (as in batch evaluation), else a history hash
     user: Optional[int]
     k: int
     exclude_history: bool
     explain: bool
+    exclude: Optional[np.ndarray] = None  # items left out with exclude_history (None: the history itself)
+
+    @property
+    def excluded(self) -> np.ndarray:
+        """What this query's ranking leaves out: nothing, or every item the user is known to have."""
+        if not self.exclude_history:
+            return np.zeros(0, dtype=np.int64)
+        return self.history if self.exclude is None else self.exclude
 
 
 def history_key(history: np.ndarray, offset: int) -> int:
@@ -129,7 +142,7 @@ class RecommenderEngine:
                                    keys=keys, explain=any(q.explain for q in queries))
         t0 = time.perf_counter()
         ids, scores = v.searcher.search(qs.vectors, max(q.k for q in queries),
-                                        exclude=[q.history if q.exclude_history else () for q in queries])
+                                        exclude=[q.excluded for q in queries])
         t_search = time.perf_counter() - t0
         text = qs.reasoning
         out = []

@@ -16,7 +16,7 @@ import torch
 from deftrec.config.model import InferenceConfig
 from deftrec.data.samples import EvalSet
 from deftrec.model.deftrec import DeftRec
-from deftrec.retrieval.metrics import evaluate_in_chunks
+from deftrec.retrieval.metrics import evaluate_in_chunks, standard_errors
 from deftrec.retrieval.recommender import DeftRecRecommender
 from deftrec.training.dataset import shard_bounds
 
@@ -43,12 +43,12 @@ class _Validator:
         m = self.model
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with ctx:
-            local = evaluate(m, self.slice, seed=m.cfg.eval.seed)
+            local = evaluate(m, self.slice, seed=m.cfg.eval.seed, mean_squares=True)
             for _ in range(self.extra):
                 DeftRecRecommender(m).score_users(self.valid.histories[:1], self.valid.users[:1], seed=0)
         m.train()
         if not tdist.is_initialized() or tdist.get_world_size() == 1:
-            return local
+            return {p: standard_errors(v, len(self.slice)) for p, v in local.items()}
         # Every slice is non-empty (the driver checks len(valid) >= world): same keys on every rank.
         keys = [(p, k) for p, vals in sorted(local.items()) for k in sorted(vals)]
         n = len(self.slice)
@@ -58,7 +58,7 @@ class _Validator:
         out: dict[str, dict[str, float]] = {}
         for (p, k), v in zip(keys, vec[1:].tolist()):
             out.setdefault(p, {})[k] = v / total
-        return out
+        return {p: standard_errors(v, int(total)) for p, v in out.items()}
 
 
 def primary_score(metrics: dict[str, dict[str, float]], exclude_history: bool) -> float:
@@ -69,7 +69,8 @@ def primary_score(metrics: dict[str, dict[str, float]], exclude_history: bool) -
 def valid_line(step: int, metrics: dict[str, dict[str, float]]) -> str:
     """The log line of a validation (both protocols)."""
     ex, kept = metrics["history_excluded"], metrics["history_kept"]
-    return (f"[deftrec] valid step {step}: HR@10 {ex['hr@10']:.4f} NDCG@10 {ex['ndcg@10']:.4f} (history "
+    se = f" ± {ex['ndcg@10_se']:.4f}" if "ndcg@10_se" in ex else ""
+    return (f"[deftrec] valid step {step}: HR@10 {ex['hr@10']:.4f} NDCG@10 {ex['ndcg@10']:.4f}{se} (history "
             f"excluded) | HR@10 {kept['hr@10']:.4f} NDCG@10 {kept['ndcg@10']:.4f} (kept)")
 
 
@@ -84,8 +85,11 @@ def evaluate(
     seed: int | None = None,
     batch_size: int | None = None,
     eval_cfg: InferenceConfig | None = None,
+    mean_squares: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """HR/NDCG/MRR@K of ``eval_set`` under both protocols (full catalog, see deftrec.retrieval.metrics).
+    """HR/NDCG/MRR@K of ``eval_set`` under both protocols (full catalog, see deftrec.retrieval.metrics),
+    with the standard errors of HR@K and NDCG@K (``*_se``; ``mean_squares=True`` leaves the mean squares
+    ``*_sq`` instead, for combining ranks).
 
     ``eval_cfg`` overrides the model's inference settings (sampler, steps, score...). Noise is keyed
     by user id, so the same users give the same numbers whatever the chunking.
@@ -98,4 +102,7 @@ def evaluate(
     def score_fn(positions: np.ndarray) -> np.ndarray:
         return rec.score_users(eval_set.histories[positions], eval_set.users[positions], seed=seed, batch_size=bs)
 
-    return evaluate_in_chunks(score_fn, np.arange(len(eval_set)), eval_set.targets, eval_set.histories, bs, ks)
+    # the prompt reads eval_set.histories (max_history items); the ranking excludes all of eval_set.exclusions
+    raw = evaluate_in_chunks(score_fn, np.arange(len(eval_set)), eval_set.targets, eval_set.exclusions, bs, ks,
+                             with_se=True)
+    return raw if mean_squares else {p: standard_errors(v, len(eval_set)) for p, v in raw.items()}

@@ -16,8 +16,8 @@ number of times.
 from __future__ import annotations
 
 import contextlib
-import os
 import dataclasses
+import os
 import tempfile
 import time
 import uuid
