@@ -100,7 +100,7 @@ def test_evaluation_metrics_recs_and_determinism(run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(m1))
     assert set(metrics) >= {"split", "users", "sampler", "steps", "seconds", "coverage", "results"}
-    assert set(metrics["results"]) == {"deftrec", "popularity", "markov", "ease"}
+    assert list(metrics["results"]) == ["deftrec", "popularity", "markov", "ease", "sasrec"]  # all four by default
     for r in metrics["results"].values():
         assert set(r) == {"history_excluded", "history_kept"}
         assert set(r["history_excluded"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (5, 10, 20)}
@@ -120,14 +120,14 @@ def test_evaluation_metrics_recs_and_determinism(run):
     es = data.test.subset(np.arange(60))
     model = load_model(run / "model")
     rec = DeftRecRecommender(model, __import__("dataclasses").replace(model.cfg.eval, seed=3))
-    ref = rec.recommend(es.histories, users=es.users, k=20, exclude_history=True)
+    ref = rec.recommend(es.histories, users=es.users, k=20, exclude_history=True, exclude=es.exclusions)
     got = np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False))[:, :10]
     got_scores = np.stack(recs.column("scores_excluded").to_numpy(zero_copy_only=False))[:, :10]
     # FAISS (float32 distances) and torch may order near-ties differently: same scores, rare swaps
     np.testing.assert_allclose(got_scores, ref.scores[:, :10], rtol=1e-4, atol=1e-3)
     assert (got == ref.items[:, :10]).mean() > 0.98
     # history excluded means excluded
-    for row, h in zip(np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False)), es.histories):
+    for row, h in zip(np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False)), es.exclusions):  # the whole history
         assert not set(row.tolist()) & set(h.tolist())
     # a fixed seed gives identical metrics and lists twice
     m2 = run_evaluation(run, EvaluateJobConfig(limit=60, batch_size=16, seed=3, actors=1), log=lambda s: None,
@@ -142,7 +142,8 @@ def test_every_model_and_validation_exclude_the_whole_history(run):
     """DeftRec (batch job), the baselines and validation leave out the same items for a user: the whole
     sequence before the target, items older than the prompt's max_history window included."""
     from deftrec.artifacts.model import load_model
-    from deftrec.batch.baselines import BASELINES, run_baselines
+    from deftrec.batch.baselines import run_baselines
+    from deftrec.batch.registry import build_baselines
     from deftrec.batch.evaluate import run_evaluation
     from deftrec.config.jobs import EvaluateJobConfig
     from deftrec.data.samples import load_dataset
@@ -165,7 +166,7 @@ def test_every_model_and_validation_exclude_the_whole_history(run):
     # the baselines in the report are the baselines scored and masked with that same set
     names = [n for n in m["results"] if n != "deftrec"]
     ref = run_baselines(list(data.sequences_before("test")), list(es.exclusions), es.targets, data.n_items,
-                        models={n: BASELINES[n]() for n in names})
+                        models=build_baselines(names, EvaluateJobConfig().sasrec))
     for n in names:
         for proto in ("history_excluded", "history_kept"):
             for key, value in m["results"][n][proto].items():

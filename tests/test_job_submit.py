@@ -73,7 +73,7 @@ def test_end_to_end_through_ray_job_submit(tmp_path):
                "--set", "data.synth.users=250", "--set", "data.synth.items=80", "--set", "collab.epochs=3",
                "--set", "train.max_steps=12", "--set", "train.warmup_steps=2", "--set", "train.validate_every=12",
                "--set", "train.valid_users=50", "--set", "distributed.num_workers=1",
-               "--set", "evaluate.limit=60"]
+               "--set", "evaluate.limit=60", "--set", "evaluate.baselines=[popularity,markov,ease]"]
         for _ in range(60):  # the head's job agent can take a while after `ray start` on a busy machine
             sub = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
             out = sub.stdout + sub.stderr

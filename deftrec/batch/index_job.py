@@ -53,7 +53,7 @@ def index_fingerprint(cfg: IndexConfig, model_dir: str | Path) -> str:
 def _embed_items(data_dir: Path, model_dir: Path, out: Path, actors: int) -> tuple[np.ndarray, np.ndarray]:
     import ray
 
-    ds = ray.data.read_parquet(str(data_dir / "items.parquet"), columns=["item"])
+    ds = ray.data.read_parquet(str(data_dir / "items.parquet")).select_columns(["item"])
     ds = ds.map_batches(ItemKeyEmbedder, fn_constructor_kwargs={"model_dir": str(model_dir)}, batch_size=4096,
                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, batch_format="numpy")
     ds.write_parquet(str(out / "item_keys.parquet"))

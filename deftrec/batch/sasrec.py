@@ -24,7 +24,7 @@ not validated. The best validated weights are kept and restored; training stops 
 Defaults (:class:`deftrec.config.baselines.SASRecConfig`), one setting for every dataset: the
 reference's 2 blocks of width 64 and 1 head; ``max_len`` 200 so that long-history data (ml1m,
 137 items on average) trains on most of each sequence, which costs nothing on short-history data
-because every batch is cut to its longest row; dropout 0.2, Adam at 1e-3 with batches of 128
+because every batch is cut to its longest row; dropout 0.2, Adam(W) at 1e-3 with batches of 128
 users (the usual full-softmax SASRec settings); validation every epoch with patience 5; a
 25-minute cap so ml1m ends in bounded time on 2 CPU cores. Runs are repeatable for a seed on CPU.
 """
@@ -189,7 +189,8 @@ class SASRec:
         valid_hist = [s[:-1] for s, h in zip(seqs, held) if h]
         valid_targets = np.array([s[-1] for s, h in zip(seqs, held) if h], dtype=np.int64)
         device = _resolve_device(cfg.device)
-        rng_devices = [device] if device.type == "cuda" else []
+        rng_devices = [] if device.type != "cuda" else [
+            device.index if device.index is not None else torch.cuda.current_device()]
         with _torch_threads(cfg.threads), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(cfg.seed)
             model = SASRecNet(n, cfg).to(device)
@@ -222,7 +223,7 @@ class SASRec:
             loss.backward()
             opt.step()
             positions = int(real.sum())
-            total, count = total + float(loss) * positions, count + positions
+            total, count = total + loss.item() * positions, count + positions
             if time.perf_counter() > deadline:
                 return total / max(count, 1), True
         return total / max(count, 1), False
@@ -235,8 +236,7 @@ class SASRec:
         if mat.shape[0] == 0:
             self.stop_reason_, self.epochs_, self.train_seconds_ = "no_data", 0, 0.0
             return
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98)) if cfg.weight_decay == 0 else \
-            torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
         rng = np.random.default_rng(cfg.seed)
         best_state, best, best_epoch, bad = None, -math.inf, 0, 0
         reason, epoch = "max_epochs", 0
