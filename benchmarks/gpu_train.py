@@ -74,15 +74,14 @@ def flops_per_sample(cfg, run: Path, n_batches: int = 3) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from deftrec.artifacts.collab import load_collab
-    from deftrec.data.samples import build_training_samples, load_dataset
+    from deftrec.data.samples import build_training_samples, sample_options, load_dataset
     from deftrec.model.deftrec import DeftRec, DeftRecTask
     from deftrec.training.optim import make_batch
 
     data = load_dataset(run / "data")
     collab = load_collab(run / "collab")
     t = cfg.train
-    samples = build_training_samples(data.train_sequences, data.users, t.min_history, t.max_samples_per_user,
-                                     cfg.prompt.max_history)
+    samples = build_training_samples(data.train_sequences, data.users, **sample_options(cfg))
     torch.manual_seed(t.seed)
     model = DeftRec.from_config(cfg, collab.item_emb, collab.user_emb if cfg.tokenizer.user_tokens else None,
                                 data.catalog).to("cuda")

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200, help="optimiser steps (train.max_steps)")
     p.add_argument("--users", type=int, default=300, help="test users (fixed random subset); 0 = all")
     p.add_argument("--valid-users", type=int, default=100, help="validation users during training")
-    p.add_argument("--condition", choices=["prompt_state", "response_embeddings", "hidden_states"])
+    p.add_argument("--condition", choices=["prompt_state", "response_embeddings", "hidden_states", "item_states"])
     p.add_argument("--eval-steps", default="50,1", help="DDIM step counts to evaluate, comma separated")
     p.add_argument("--seed", type=int, default=0, help="test-user subset and noise seed")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "deftrec-quality")
@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"train.warmup_steps={max(1, min(50, a.steps // 10))}"]
     if a.condition:
         overrides.append(f"condition={a.condition}")
+        if a.condition != "item_states":  # all-position training reads the item states only
+            overrides.append("train.positions=last")
     overrides += a.set
     cfg = load_deftrec_config(REPO / f"pipelines/configs/{a.preset}.yaml", overrides)
     data = load_dataset(_prepare_data(a.data.resolve(), a.work))

@@ -103,3 +103,113 @@ def test_runtime_env_and_dockerfile():
     assert "pip" not in env  # heavy dependencies live in the image
     docker = (REPO / "cluster" / "Dockerfile").read_text()
     assert f"rayproject/ray:{pinned_ray()}" in docker
+
+
+# ------------------------------------------------------------------ exposure, images, locked dependencies
+
+def _launcher() -> dict:
+    return yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+
+
+def test_launcher_dashboard_listens_on_loopback_only():
+    """The dashboard's job API has no authentication: reached only through `ray dashboard`'s tunnel."""
+    cfg = _launcher()
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    commands = " ".join(c for k in ("head_start_ray_commands", "worker_start_ray_commands") for c in cfg[k])
+    assert "0.0.0.0" not in commands
+
+
+def _images_pinned() -> dict[str, str]:
+    return yaml.safe_load((REPO / "cluster" / "images.yaml").read_text())
+
+
+EXACT_IMAGE = re.compile(r"^[\w.\-/]+(:(?!latest\b)[\w.\-]*\d+\.\d+\.\d+[\w.\-]*|@sha256:[0-9a-f]{64})$")
+
+
+def test_images_are_pinned_exactly_in_one_place():
+    pinned = _images_pinned()
+    assert set(pinned) == {"ray", "project"}
+    for name, image in pinned.items():
+        assert EXACT_IMAGE.match(image), f"{name}: {image} is not an exact tag or digest"
+    assert f"ray:{pinned_ray()}-" in pinned["ray"] and f"ray{pinned_ray()}" in pinned["project"]
+    for bad in ("rayproject/ray:latest", "rayproject/ray:2.60", "ghcr.io/x/y", "ghcr.io/x/y:nightly"):
+        assert not EXACT_IMAGE.match(bad), bad
+    assert _launcher()["docker"]["image"] == pinned["ray"]
+    docker = (REPO / "cluster" / "Dockerfile").read_text()
+    assert re.search(r"^ARG RAY_IMAGE=(\S+)$", docker, re.M).group(1) == pinned["ray"]
+    assert [line for line in docker.splitlines() if line.startswith("FROM")] == ["FROM ${RAY_IMAGE}"]
+    for name in ("rayjob.yaml", "rayservice.yaml"):
+        text = (REPO / "cluster" / name).read_text()
+        images = _images(yaml.safe_load(text))
+        assert images and set(images) == {pinned["project"]}, (name, images)
+        assert text.count(pinned["project"]) == 1, f"{name}: the image is written once (a YAML anchor)"
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "cluster" / "requirements.lock").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._\-]*)==([0-9][0-9A-Za-z.\-]*)", line.strip())
+        assert m, f"not an exact pin: {line!r}"
+        pins[m.group(1)] = m.group(2)
+    return pins
+
+
+def test_lock_pins_every_runtime_dependency_within_pyproject_ranges():
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = _lock()
+    assert len(pins) > 20 and all(name == canonicalize_name(name) for name in pins)
+    # pyproject.toml's dependencies, as installed by .ci/setup (the test extra left out)
+    runtime = [Requirement(r) for r in metadata.requires("deftrec") or []]
+    runtime = [r for r in runtime if r.marker is None or "extra" not in str(r.marker)]
+    assert any(canonicalize_name(r.name) == "ray" for r in runtime)
+    for req in runtime:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{name} (pyproject.toml) is missing from cluster/requirements.lock"
+        assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(req.specifier))
+    assert pins["ray"] == pinned_ray() and "+" not in pins["torch"]  # no local (+cpu) build pinned
+    assert {"uvicorn", "starlette", "pydantic"} <= set(pins)  # ray[serve]'s extras are followed
+    assert not {"pytest", "schemathesis", "hypothesis"} & set(pins)  # the test extra is not
+
+
+def test_every_node_and_the_image_install_the_lock():
+    cfg = _launcher()
+    setup = cfg["setup_commands"]  # every node, head included
+    assert setup[0] == "pip install -q -r ~/deftrec/cluster/requirements.lock"
+    for cmd in [c for k in ("setup_commands", "head_setup_commands", "worker_setup_commands") for c in cfg[k]]:
+        for part in cmd.split("&&"):
+            words = part.split()
+            if words[:2] != ["pip", "install"]:
+                continue
+            args = [w for w in words[2:] if w not in ("-q", "-e", "--no-deps", "-r")]
+            for a in args:  # an exact pin, the lock, or the project / a package without its dependencies
+                assert "==" in a or a.endswith("requirements.lock") or ("--no-deps" in words and "=" not in a), cmd
+                assert not re.search(r"[<>]|~=|!=", a), f"open range in {cmd!r}"
+    docker = (REPO / "cluster" / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir -r cluster/requirements.lock" in docker
+    assert "pip install --no-cache-dir --no-deps -e ." in docker
+
+
+def test_lock_generator_follows_the_installed_closure():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock_requirements", REPO / "cluster" / "lock_requirements.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pins = mod.closure()
+    assert {"ray", "torch", "fastapi", "uvicorn", "deepspeed"} <= set(pins)
+    assert "pytest" not in pins and all("+" not in v for v in pins.values())
+
+
+def test_serve_config_bounds_every_queue():
+    deploy = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
+    app = deploy["applications"][0]
+    assert float(app["args"]["request_timeout_s"]) > 0
+    assert {d["name"] for d in app["deployments"]} == {"Recommender", "Ingress"}
+    assert all(d["max_queued_requests"] >= 1 for d in app["deployments"])

@@ -45,7 +45,7 @@ def test_preset_contents_match_their_purpose():
 
 def test_overrides_apply_with_types():
     cfg = load_deftrec_config(CONFIGS / "tiny.yaml", [
-        "train.max_steps=123", "train.lr=5e-4", "condition=hidden_states", "train.lambda_lm=0.2",
+        "train.max_steps=123", "train.lr=5e-4", "condition=hidden_states", "train.positions=last", "train.lambda_lm=0.2",
         "tokenizer.K=3", "eval.k=[1,5]", "eval.exclude_history=false", "collab.dim=16",
     ])
     assert cfg.train.max_steps == 123 and cfg.train.lr == pytest.approx(5e-4)
@@ -85,8 +85,8 @@ def test_bad_fields_raise_naming_the_field(override, field):
 
 @pytest.mark.parametrize("overrides, message", [
     # generated-text conditions need the LM to be trained to write that text
-    (["condition=response_embeddings", "train.lambda_lm=0"], "train.lambda_lm"),
-    (["condition=hidden_states", "train.lambda_lm=0"], "train.lambda_lm"),
+    (["condition=response_embeddings", "train.positions=last", "train.lambda_lm=0"], "train.lambda_lm"),
+    (["condition=hidden_states", "train.positions=last", "train.lambda_lm=0"], "train.lambda_lm"),
     # DDIM cannot take more steps than the training schedule has
     (["eval.steps=2000"], r"eval\.steps \(2000\) must be <= diffusion\.T"),
     (["diffusion.T=10", "eval.steps=11"], r"eval\.steps \(11\)"),
@@ -107,7 +107,7 @@ def test_impossible_combinations_raise(overrides, message):
 
 def test_possible_combinations_load():
     # prompt_state trains without the LM loss; ddpm with steps = T; CFG with a trained null condition
-    load_deftrec_config(CONFIGS / "tiny.yaml", ["condition=prompt_state", "train.lambda_lm=0"])
+    load_deftrec_config(CONFIGS / "tiny.yaml", ["condition=prompt_state", "train.positions=last", "train.lambda_lm=0"])
     load_deftrec_config(CONFIGS / "tiny.yaml", ["eval.sampler=ddpm", "eval.steps=null"])
     load_deftrec_config(CONFIGS / "tiny.yaml", ["eval.sampler=ddpm", "diffusion.T=50", "eval.steps=50"])
     load_deftrec_config(CONFIGS / "tiny.yaml", ["diffusion.cond_dropout=0.1", "eval.guidance_w=1.0"])

@@ -61,7 +61,7 @@ def build(cache, catalog, item_emb):
 
 @pytest.fixture(scope="module")
 def model(build) -> DeftRec:
-    return build("condition=prompt_state", "train.lambda_lm=0.1")
+    return build("condition=prompt_state", "train.positions=last", "train.lambda_lm=0.1")
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -86,12 +86,13 @@ def test_task_loss_parts_shapes_and_gradients(model):
     B = len(HISTORIES)
     # per-sample shapes: one x0 row per (sample, draw), never broadcast across the batch
     assert seen == {"x0": (B * R, D_C), "cond": (B * R, model.cfg.d_llm), "neg": (B * R, D_C)}
-    assert set(parts) == {"lm", "pos", "neg", "total"}
+    assert set(parts) == {"lm", "pos", "neg", "ce", "total"}
     assert all(v.dim() == 0 and torch.isfinite(v) for v in parts.values())
     assert parts["lm"] > 0 and parts["pos"] > 0
     lam = model.cfg.train.lambda_lm
-    lneg = model.cfg.diffusion.lambda_neg
-    assert torch.allclose(parts["total"], lam * parts["lm"] + parts["pos"] + lneg * parts["neg"], atol=1e-6)
+    lneg, lce = model.cfg.diffusion.lambda_neg, model.cfg.diffusion.lambda_ce
+    assert torch.allclose(parts["total"], lam * parts["lm"] + parts["pos"] + lneg * parts["neg"] + lce * parts["ce"],
+                          atol=1e-6)
     model.zero_grad()
     parts["total"].backward()
     for name in ("item_tokenizer.w_out", "head.denoiser.out.weight", "head.denoiser.cond_proj.0.weight"):
@@ -219,7 +220,7 @@ def test_scores_are_negative_squared_distances(model):
 
 @pytest.mark.parametrize("condition", ["prompt_state", "response_embeddings", "hidden_states"])
 def test_batched_equals_one_at_a_time_and_seeded(build, condition):
-    m = build(f"condition={condition}", "train.lambda_lm=0.1").eval()
+    m = build(f"condition={condition}", "train.positions=last", "train.lambda_lm=0.1").eval()
     rec = DeftRecRecommender(m)
     together = rec.recommend(HISTORIES, USERS, k=5, seed=1, batch_size=len(HISTORIES), explain=True)
     for i, (h, u) in enumerate(zip(HISTORIES, USERS)):
@@ -235,7 +236,7 @@ def test_batched_equals_one_at_a_time_and_seeded(build, condition):
 
 def test_generation_loop_matches_teacher_forcing(build):
     """The KV-cached greedy loop gives the condition a full pass over prompt + generated text gives."""
-    m = build("condition=hidden_states", "train.lambda_lm=0.1", "eval.max_gen_tokens=5").eval()
+    m = build("condition=hidden_states", "train.positions=last", "train.lambda_lm=0.1", "eval.max_gen_tokens=5").eval()
     rec = DeftRecRecommender(m)
     cond, text = rec.conditions(HISTORIES, explain=True)
     batch = m.make_batch(HISTORIES, generation=True)

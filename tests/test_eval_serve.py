@@ -274,10 +274,34 @@ def test_endpoint_excludes_a_history_longer_than_the_prompt(run, server):
     ({"history": ["1000"] * 501}, 422, "at most 500"),
     ({"user_id": "U1", "surprise": 1}, 422, "Extra inputs"),
     ({"user_id": {"nested": 1}}, 422, "user_id"),
+    # strict types: a value of the wrong JSON type is refused, never coerced
+    ({"user_id": True}, 422, "user_id"),
+    ({"user_id": 1.0}, 422, "user_id"),
+    ({"user_id": "U1", "k": True}, 422, "valid integer"),
+    ({"user_id": "U1", "k": 5.0}, 422, "valid integer"),
+    ({"user_id": "U1", "k": "5"}, 422, "valid integer"),
+    ({"user_id": "U1", "exclude_history": 0}, 422, "valid boolean"),
+    ({"user_id": "U1", "explain": "yes"}, 422, "valid boolean"),
+    ({"history": ["1000", True]}, 422, "history"),
+    ({"history": [1.5]}, 422, "history"),
+    ({"history": [1.0]}, 422, "history"),
 ])
 def test_bad_input_never_500(server, body, status, needle):
     r = server.post("/recommend", json=body)
     assert r.status_code == status and needle in r.text
+
+
+def test_catalog_refuses_booleans_and_floats_as_ids(run):
+    from deftrec.serve.engine import ServingCatalog, UnknownId
+
+    catalog = ServingCatalog(run / "data")
+    user = _users(run)[0]
+    assert catalog.user(user) == catalog.user(str(user))
+    for bad in (True, 1.0, None, [user]):
+        with pytest.raises(UnknownId):
+            catalog.user(bad)
+        with pytest.raises(UnknownId):
+            catalog.items([catalog.item_ids[0], bad])
 
 
 def test_malformed_and_oversized_bodies(server):
@@ -295,6 +319,44 @@ def test_concurrent_requests_are_batched(run, server):
         rs = list(ex.map(lambda i: server.post("/recommend", json={"user_id": users[i % len(users)]}), range(50)))
     assert all(r.status_code == 200 for r in rs)
     assert max(r.json()["timings_ms"]["batch_size"] for r in rs) > 1
+
+
+def test_overload_answers_503_quickly_and_nothing_else_fails(run, server):
+    """Bounded queues: beyond max_ongoing + max_queued the answer is 503 at once (the ingress's
+    handle refuses), a request slower than request_timeout_s is 503 too; no other 5xx, no hang."""
+    from collections import Counter
+
+    from ray import serve
+
+    from deftrec.serve import build_app
+
+    users = _users(run)
+
+    def deploy(**kw):
+        serve.run(build_app(str(run), num_cpus=0, max_batch_size=2, batch_wait_timeout_s=0.01, max_ongoing_requests=2,
+                            max_queued_requests=2, **kw), name="tight", route_prefix="/tight")
+
+    def post(i: int):
+        t0 = time.perf_counter()
+        r = server.post("/tight/recommend", json={"user_id": users[i % len(users)], "explain": True})
+        return r, time.perf_counter() - t0
+
+    deploy()
+    try:
+        with cf.ThreadPoolExecutor(24) as ex:
+            rs = list(ex.map(post, range(48)))
+        codes = Counter(r.status_code for r, _ in rs)
+        assert set(codes) <= {200, 503} and codes[200] >= 1 and codes[503] >= 1, codes
+        # refused by the proxy (the ingress's queue) or by the ingress (the recommender's queue)
+        assert all("backpressure" in r.text for r, _ in rs if r.status_code == 503)
+        assert max(dt for r, dt in rs if r.status_code == 503) < 10
+        deploy(request_timeout_s=0.001)  # no recommendation is that fast
+        r = server.post("/tight/recommend", json={"user_id": users[0]})
+        assert r.status_code == 503 and "no answer within" in r.text and r.headers["retry-after"] == "1"
+    finally:
+        serve.delete("tight")
+    with pytest.raises(ValueError, match="bounded queues"):
+        build_app(str(run), max_queued_requests=-1)
 
 
 def test_schemathesis_finds_no_server_error(server, tmp_path):

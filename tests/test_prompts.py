@@ -77,11 +77,18 @@ def tok_ph(tmp_path_factory):
 
 
 def test_config_validation():
-    for bad in ({"K": 0}, {"max_title_chars": 0}, {"max_history": 0}, {"domain": " "}):
+    for bad in ({"K": 0}, {"max_title_chars": -1}, {"max_history": 0}, {"domain": " "}):
         with pytest.raises(ValueError):
             PromptConfig(**bad)
     assert PromptConfig(K=3, combine_sum=True).slots == 1
     assert PromptConfig(K=3).slots == 3
+
+
+def test_prompts_without_titles_hold_the_continuous_tokens_only():
+    cfg = PromptConfig(domain="music", K=2, max_title_chars=0)
+    assert render_history_item("Air", cfg) == " <diff><collab_0><collab_1></diff>,"
+    assert "Air" not in render_prompt(["Air", "Morcheeba"], cfg)
+    assert render_response("Air", "Electronic", cfg) == "The user may prefer (Electronic) music."
 
 
 def test_title_cleaning_and_truncation():

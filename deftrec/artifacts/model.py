@@ -6,7 +6,8 @@ Layout (``RUN_DIR/model``)::
                               safetensors) and the text tokenizer with the placeholder tokens
     tokenizers.safetensors    item (``item.*``) and user (``user.*``) continuous tokenizers
     diffusion_head.safetensors
-    collab.safetensors        E (``item_emb``), U (``user_emb``) and their x0 scales
+    collab.safetensors        E (``item_emb``), U (``user_emb``), their x0 scales and the retrieval
+                              keys (``item_keys``: E, or the trained W / x0_scale)
     catalog.parquet           item, item_id, title, category (prompts need the titles)
     placeholders.json         token ids of <diff>, </diff>, <collab_k>, <user_collab_k>
     config.json               the DeftRecConfig (``llm`` points at ``llm/``; ``source_llm`` keeps
@@ -99,7 +100,9 @@ def export_model(model: DeftRec, out_dir: str | Path, extra: dict[str, Any] | No
         save_file({**_state(model.item_tokenizer, "item."), **_state(model.user_tokenizer, "user.")},
                   str(tmp / "tokenizers.safetensors"))
         save_file(_state(model.head, ""), str(tmp / "diffusion_head.safetensors"))
-        collab = {"item_emb": model.item_emb, "x0_scale": model.x0_scale}
+        # item_keys: what retrieval ranks against (E, or the trained W in the item space)
+        collab = {"item_emb": model.item_emb, "x0_scale": model.x0_scale,
+                  "item_keys": model.retrieval_keys.detach().clone()}  # E itself when fixed: its own copy
         if model.user_emb is not None:
             collab.update(user_emb=model.user_emb, user_scale=model.user_scale)
         save_file({k: v.detach().cpu().contiguous() for k, v in collab.items()}, str(tmp / "collab.safetensors"))
@@ -161,7 +164,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: 
 
 
 def load_item_keys(path: str | Path) -> np.ndarray:
-    """The export's item matrix E [n_items, d_c] (float32): the keys retrieval ranks against.
+    """The export's retrieval keys [n_items, d_c] (float32): LightGCN's E, or the trained W.
 
     Reads ``collab.safetensors`` only: no LLM, no torch model is built.
     """
@@ -169,7 +172,8 @@ def load_item_keys(path: str | Path) -> np.ndarray:
 
     root = Path(path)
     read_manifest(root, files=("collab.safetensors",))
-    return np.ascontiguousarray(load_numpy(str(root / "collab.safetensors"))["item_emb"], dtype=np.float32)
+    tensors = load_numpy(str(root / "collab.safetensors"))
+    return np.ascontiguousarray(tensors.get("item_keys", tensors["item_emb"]), dtype=np.float32)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", verify: bool = False) -> DeftRec:
@@ -221,6 +225,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
         model.x0_scale.copy_(collab["x0_scale"])
         if model.user_scale is not None and "user_scale" in collab:
             model.user_scale.copy_(collab["user_scale"])
+        if model.item_keys is not None:  # W in the diffusion space
+            model.item_keys.weight.copy_(collab["item_keys"] * collab["x0_scale"])
     return model.to(torch.device(device)).eval()
 
 

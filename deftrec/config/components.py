@@ -65,6 +65,7 @@ class LLMConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     gradient_checkpointing: bool = False
+    num_layers: int | None = None  # keep only the first N decoder layers of the loaded LLM (null: all)
     tiny_hidden: int = 64
     tiny_layers: int = 2
     tiny_heads: int = 4
@@ -92,6 +93,7 @@ class LLMConfig:
             raise ValueError(f"LLMConfig.lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LLMConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _pos_int("LLMConfig", "num_layers", self.num_layers, allow_none=True)
         for name in ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "tiny_max_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LLMConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -165,6 +167,8 @@ class LightGCNConfig:
 class PromptConfig:
     """How prompts are rendered.
 
+    ``max_title_chars``: history titles are cut to this many characters; 0 leaves them out (the prompt
+    holds the continuous tokens only: the shortest prompt, for from-scratch LLMs).
     ``K``: continuous tokens per item (tokenizer branches); with ``combine_sum`` the branches are summed into
     one token, so each item gets a single placeholder ``<collab_0>``. ``user_tokens`` adds a user slot.
     """
@@ -181,8 +185,8 @@ class PromptConfig:
             raise ValueError("PromptConfig.domain must be a non-empty string, e.g. 'music'")
         if self.K < 1:
             raise ValueError(f"PromptConfig.K must be >= 1, got {self.K}")
-        if self.max_title_chars < 1:
-            raise ValueError(f"PromptConfig.max_title_chars must be >= 1, got {self.max_title_chars}")
+        if self.max_title_chars < 0:
+            raise ValueError(f"PromptConfig.max_title_chars must be >= 0 (0: no titles), got {self.max_title_chars}")
         if self.max_history < 1:
             raise ValueError(f"PromptConfig.max_history must be >= 1, got {self.max_history}")
 
@@ -251,6 +255,21 @@ class DiffusionConfig:
             the LightGCN initialisation are. Retrieval is unaffected (L2 and inner-product rankings
             are invariant to a global positive scale). On the synthetic benchmark both give the same
             quality.
+        prediction: what the denoiser outputs: ``"eps"`` (the method: the noise) or ``"x0"`` (the clean
+            target, as DreamRec, PreferDiff and ContRec do). With eps a one-step estimate of x0 from
+            t = T-1 divides the denoiser's error by sqrt(abar_T) (~0.006); with x0 the output is the
+            estimate itself. Samplers convert x0 to eps where their update needs it.
+        neg_scale: how the two squared errors of L_neg are reduced over the d_c dimensions before
+            their difference enters the sigmoid: ``"sum"`` (method.md: ||.||^2) or ``"mean"`` (d_c
+            times smaller margins, L_neg stays near log 2).
+        lambda_ce: weight of the full-catalog cross-entropy on the scores of the denoiser's x0 estimate
+            (DiffuRec's objective): softmax over every item's score s_i = score(x0_hat, W_i) /
+            ``ce_temperature``, with ``eval.score``'s rule, against the target. 0 disables it.
+        ce_temperature: softmax temperature of that cross-entropy.
+        noise: True (the method): the denoiser learns to invert the forward process and inference runs
+            the reverse process. False is the ablation "the same model without diffusion": no noise and
+            no timesteps, the denoiser sees x_t = 0 at t = T-1 and its output is the query (a plain MLP
+            head on c, trained by the same losses); needs ``prediction: x0``.
         batch_mul: each training sample's diffusion loss is evaluated with this many independent
             (t, eps, negative) draws against the same condition (MAR's ``diffusion_batch_mul``, Li et
             al. 2024). The LLM forward is paid once, the small denoiser R times, and the head's
@@ -279,6 +298,11 @@ class DiffusionConfig:
     lambda_neg: float = 0.5
     cond_dropout: float = 0.0
     x0_norm: Literal["none", "std"] = "none"
+    prediction: Literal["eps", "x0"] = "eps"
+    neg_scale: Literal["mean", "sum"] = "mean"
+    lambda_ce: float = 0.0
+    ce_temperature: float = 1.0
+    noise: bool = True
     batch_mul: int = 1
     d_c: InitVar[int | None] = None
     cond_dim: InitVar[int | None] = None
@@ -304,6 +328,19 @@ class DiffusionConfig:
         _nonneg_float("diffusion", "lambda_neg", self.lambda_neg)
         if self.x0_norm not in ("none", "std"):
             raise ValueError(f"diffusion.x0_norm must be 'none' or 'std', got {self.x0_norm!r}")
+        if self.prediction not in ("eps", "x0"):
+            raise ValueError(f"diffusion.prediction must be 'eps' or 'x0', got {self.prediction!r}")
+        if self.neg_scale not in ("mean", "sum"):
+            raise ValueError(f"diffusion.neg_scale must be 'mean' or 'sum', got {self.neg_scale!r}")
+        if not isinstance(self.noise, bool):
+            raise ValueError(f"diffusion.noise must be true or false, got {self.noise!r}")
+        if not self.noise and self.prediction != "x0":
+            raise ValueError("diffusion.noise=false (no diffusion: the head's output is the query) needs "
+                             "diffusion.prediction=x0")
+        _nonneg_float("diffusion", "lambda_ce", self.lambda_ce)
+        _nonneg_float("diffusion", "ce_temperature", self.ce_temperature)
+        if self.ce_temperature == 0:
+            raise ValueError("diffusion.ce_temperature must be > 0")
         # derived
         _pos_int("diffusion", "d_c", d_c, allow_none=True)
         _pos_int("diffusion", "cond_dim", cond_dim, allow_none=True)

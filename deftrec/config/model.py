@@ -10,7 +10,9 @@ One validated dataclass per concern, composed into :class:`DeftRecConfig`:
 ``tokenizer``   :class:`~deftrec.config.components.ContinuousTokenizerConfig` (K, mask_ratio,
                 combine, user_tokens, hidden)
 ``diffusion``   :class:`~deftrec.config.components.DiffusionConfig` (schedule, denoiser, loss)
-``condition``   ``"prompt_state"`` | ``"response_embeddings"`` | ``"hidden_states"``
+``condition``   ``"prompt_state"`` | ``"response_embeddings"`` | ``"hidden_states"`` |
+                ``"item_states"``
+``item_space``  ``"fixed"`` (retrieve against LightGCN's E) | ``"trainable"`` (W, from E)
 ``train``       :class:`TrainConfig`
 ``eval``        :class:`InferenceConfig`
 ==============  =====================================================================
@@ -52,8 +54,10 @@ __all__ = [
     "TrainConfig",
 ]
 
-#: Condition types (method.md section 4).
-CONDITIONS = ("prompt_state", "response_embeddings", "hidden_states")
+#: Condition types (method.md section 4; ``item_states``: section 6, all-position training).
+CONDITIONS = ("prompt_state", "response_embeddings", "hidden_states", "item_states")
+#: Item spaces: the LightGCN matrix as is, or a trainable copy (method.md section 6).
+ITEM_SPACES = ("fixed", "trainable")
 #: Conditions computed from generated reasoning text at inference.
 GENERATIVE_CONDITIONS = ("response_embeddings", "hidden_states")
 
@@ -75,6 +79,9 @@ class InferenceConfig:
     exclude_history: bool = True  # primary protocol (both are always reported)
     batch_size: int = 64  # users per inference batch
     seed: int = 0  # noise seed of evaluation runs
+    # reverse-diffusion draws per user whose x0 estimates are averaged into the query (one query
+    # vector, so FAISS still serves it); 1 is the method: rank around one generated token
+    samples: int = 1
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -86,6 +93,7 @@ class InferenceConfig:
         _nonneg_float("eval", "guidance_w", self.guidance_w)
         _pos_int("eval", "max_gen_tokens", self.max_gen_tokens)
         _pos_int("eval", "batch_size", self.batch_size)
+        _pos_int("eval", "samples", self.samples)
         if self.score not in ("l2", "ip"):
             raise ValueError(f"eval.score must be 'l2' or 'ip', got {self.score!r}")
         if not self.k:
@@ -115,7 +123,12 @@ class DeftRecConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     tokenizer: ContinuousTokenizerConfig = field(default_factory=ContinuousTokenizerConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    condition: Literal["prompt_state", "response_embeddings", "hidden_states"] = "prompt_state"
+    condition: Literal["prompt_state", "response_embeddings", "hidden_states", "item_states"] = "prompt_state"
+    # "fixed": the continuous tokens, the diffusion targets and the retrieval keys are LightGCN's E.
+    # "trainable": one item matrix W initialised from E (in the diffusion space) is all three; the
+    # diffusion targets are W without gradient (so the MSE cannot shrink the space), the LLM and the
+    # cross-entropy train it.
+    item_space: Literal["fixed", "trainable"] = "fixed"
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: InferenceConfig = field(default_factory=InferenceConfig)
     d_llm: int | None = None
@@ -124,6 +137,11 @@ class DeftRecConfig:
         if self.condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
         _pos_int("config", "d_llm", self.d_llm, allow_none=True)
+        if self.item_space not in ITEM_SPACES:
+            raise ValueError(f"item_space must be one of {ITEM_SPACES}, got {self.item_space!r}")
+        if self.train.positions == "all" and self.condition != "item_states":
+            raise ValueError("train.positions=all reads a condition after every history item: it needs "
+                             f"condition=item_states (got {self.condition!r})")
         if (self.tokenizer.d_c, self.tokenizer.d_llm, self.diffusion.d_c, self.diffusion.cond_dim) != (None,) * 4:
             raise ValueError("tokenizer / diffusion sections must leave d_c, d_llm and cond_dim unset: they are "
                              "derived (collab.dim, the LLM hidden size) by tokenizer_config() / diffusion_config()")

@@ -33,7 +33,11 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; null disables clipping
     lambda_lm: float = 0.1
     min_history: int = 3  # shortest prefix that becomes a training sample
-    max_samples_per_user: int = 20  # newest prefixes first
+    max_samples_per_user: int | None = 20  # newest prefixes (or windows) first; null: all of them
+    # "last": one sample = one prefix, its condition predicts the next item (method.md section 4).
+    # "all": one sample = a window of prompt.max_history items; the condition after every item of the
+    # window predicts the item that follows it (one LLM pass, every prefix; needs condition=item_states).
+    positions: Literal["last", "all"] = "last"
     seed: int = 42
     validate_every: int | None = None  # optimiser steps between validations; null: every epoch end
     valid_users: int | None = 1000  # validation subset size (fixed, seeded); null: all users
@@ -49,9 +53,11 @@ class TrainConfig:
         _nonneg_float("train", "min_lr_ratio", self.min_lr_ratio)
         if self.min_lr_ratio > 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("epochs", "batch_size", "grad_accum", "min_history", "max_samples_per_user", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "min_history", "log_every"):
             _pos_int("train", name, getattr(self, name))
-        for name in ("max_steps", "validate_every", "valid_users", "patience"):
+        if self.positions not in ("last", "all"):
+            raise ValueError(f"train.positions must be 'last' or 'all', got {self.positions!r}")
+        for name in ("max_steps", "validate_every", "valid_users", "patience", "max_samples_per_user"):
             _pos_int("train", name, getattr(self, name), allow_none=True)
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")

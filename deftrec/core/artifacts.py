@@ -56,14 +56,47 @@ def file_checksums(root: str | os.PathLike, skip: tuple[str, ...] = (MANIFEST,))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (no NaN or infinity) to ``path`` via a temporary sibling and a
+    rename. On any error nothing is left behind and ``path`` keeps its old content."""
     path = Path(path)
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    except ValueError as e:
+        where = _non_finite_key(obj) if "Out of range float" in str(e) else None
+        if where is None:
+            raise ArtifactError(f"{path}: cannot write it as JSON: {e}") from None
+        raise ArtifactError(f"{path}: {where} is not a finite number and JSON has no NaN or "
+                            "infinity; nothing was written") from None
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _non_finite_key(obj: Any, where: str = "") -> str | None:
+    """The path (``a.b[2]``) of the first non-finite float inside ``obj``, if any."""
+    import math
+
+    if isinstance(obj, float) or type(obj).__name__.startswith("float"):
+        try:
+            return None if math.isfinite(float(obj)) else (where or "<root>")
+        except (TypeError, ValueError):
+            return None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if (found := _non_finite_key(v, f"{where}.{k}" if where else str(k))) is not None:
+                return found
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            if (found := _non_finite_key(v, f"{where}[{i}]")) is not None:
+                return found
+    return None
 
 
 def _json_default(o):
@@ -128,14 +161,30 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
+    if overwrite and final.exists():
         # Move the old artifact aside first: rename is atomic, rmtree is not.
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:6]}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        _rename_no_replace(tmp, final)
+
+
+def _rename_no_replace(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final`` unless something appeared there meanwhile (a
+    concurrent run's artifact): then drop ``tmp`` and raise. A directory renamed onto a non-empty
+    directory fails on POSIX (and onto anything on Windows), so the check and the commit are one
+    atomic step; ``tmp`` always holds at least its manifest."""
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"{final} appeared while this run was writing it (a concurrent run?); "
+                            "kept it and dropped this run's copy (pass overwrite/--overwrite to "
+                            f"replace it) [{e.strerror}]") from None
 
 
 def finish_manifest(directory: str | os.PathLike, manifest: dict) -> dict:

@@ -8,7 +8,8 @@ Leave-one-out (method.md, "Task and protocol"), for a user with full sequence s 
 test target s[-1], validation target s[-2], and the *training sequence* t = s[:-2] (length
 m = n - 2). Training samples are the prefixes of t: for every j with min_history <= j <= m - 1,
 history t[max(0, j - max_history):j] predicts t[j]; at most ``max_samples_per_user`` per user,
-newest (largest j) first. LightGCN sees the (user, item) pairs of t only.
+newest (largest j) first; with ``train.positions: all`` the samples are windows that tile t (see
+:func:`build_training_samples`' ``stride``). LightGCN sees the (user, item) pairs of t only.
 
 Ragged data (sequences, histories) is stored as one flat value array plus per-row
 ``[start, stop)`` bounds (:class:`Ragged`): training histories are overlapping windows of the
@@ -309,32 +310,45 @@ def load_dataset(path: str | Path) -> PreprocessedData:
 # --------------------------------------------------------------------------------------------- samples
 
 
+def sample_options(cfg) -> dict:
+    """``build_training_samples`` keyword arguments of a :class:`~deftrec.config.model.DeftRecConfig`:
+    one sample per prefix (``train.positions: last``) or windows of ``prompt.max_history`` items."""
+    t, window = cfg.train, cfg.prompt.max_history
+    return {"min_history": t.min_history, "max_samples_per_user": t.max_samples_per_user,
+            "max_history": window, "stride": window if t.positions == "all" else 1}
+
+
 def build_training_samples(
     sequences: Ragged,
     users: np.ndarray,
     min_history: int = 3,
     max_samples_per_user: int = 20,
     max_history: int = 20,
+    stride: int = 1,
 ) -> TrainingSamples:
     """Prefix samples of the given (already cut) training sequences, vectorised.
 
-    For a row t of length m: j = m-1, m-2, ..., max(min_history, m - max_samples_per_user) gives
-    history t[max(0, j - max_history):j] and target t[j]. Samples are user-major (in row order),
-    newest first within a user.
+    For a row t of length m: j = m-1, m-1-stride, m-1-2 stride, ... while j >= min_history (at most
+    ``max_samples_per_user`` of them; None: all) gives history t[max(0, j - max_history):j] and
+    target t[j]. Samples are user-major (in row order), newest first within a user. ``stride = 1``:
+    every prefix; ``stride = max_history``: windows that tile t, so that training on every position
+    of every window (``train.positions: all``) predicts each item of t[min_history:] exactly once.
     """
-    if min_history < 1 or max_samples_per_user < 1 or max_history < 1:
-        raise ValueError("min_history, max_samples_per_user and max_history must be >= 1")
+    cap = np.iinfo(np.int64).max if max_samples_per_user is None else max_samples_per_user
+    if min_history < 1 or cap < 1 or max_history < 1 or stride < 1:
+        raise ValueError("min_history, max_samples_per_user, max_history and stride must be >= 1")
     users = np.asarray(users, dtype=np.int64)
     if users.shape != (len(sequences),):
         raise ValueError(f"users must be [{len(sequences)}], got {users.shape}")
     m = sequences.lengths
-    count = np.clip(m - min_history, 0, max_samples_per_user)  # targets j in [min_history, m-1]
+    # targets j = m-1 - r*stride >= min_history, r = 0, 1, ...
+    count = np.minimum(np.where(m > min_history, (m - 1 - min_history) // stride + 1, 0), cap)
     total = int(count.sum())
     row = np.repeat(np.arange(len(sequences), dtype=np.int64), count)
     # r-th newest sample of a row (r = 0, 1, ...): r = global index - first index of the row
-    first = np.concatenate([[0], np.cumsum(count)[:-1]])
+    first = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
     r = np.arange(total, dtype=np.int64) - np.repeat(first, count)
-    target_pos = sequences.stops[row] - 1 - r  # absolute position of t[j] in the flat array
+    target_pos = sequences.stops[row] - 1 - r * stride  # absolute position of t[j] in the flat array
     hist_start = np.maximum(sequences.starts[row], target_pos - max_history)
     hist = Ragged(sequences.values, hist_start, target_pos)
     return TrainingSamples(users[row], hist, sequences.values[target_pos].astype(np.int64))

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
     from deftrec.model.llm import PlaceholderIds
 
-__all__ = ["DeftRec", "DeftRecTask", "keyed_normal"]
+__all__ = ["DeftRec", "DeftRecTask", "ItemKeys", "keyed_normal"]
 
 Histories = Sequence[Any]  # one int array / list of item ids per user
 
@@ -126,8 +126,23 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+class ItemKeys(nn.Module):
+    """The trainable item matrix W [n_items, d_c] (``item_space: trainable``).
+
+    A module (not a bare parameter of :class:`DeftRec`) so that ZeRO-3 gathers it when it is used:
+    DeepSpeed gathers a module's parameters around its forward, and DeftRec's own forward never runs.
+    """
+
+    def __init__(self, init: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(init.detach().clone().float())
+
+    def forward(self) -> Tensor:
+        return self.weight.clone()  # a copy: ZeRO-3 may release the gathered storage after forward
+
+
 class DeftRec(nn.Module):
-    """LLM + continuous tokenizer(s) + diffusion head over a fixed collaborative space.
+    """LLM + continuous tokenizer(s) + diffusion head over a collaborative item space.
 
     Args:
         cfg: the model config; ``d_llm`` is filled from the LLM here when unset.
@@ -178,6 +193,8 @@ class DeftRec(nn.Module):
         # Buffers: the retrieval space travels with .to() and is saved in state dicts.
         self.register_buffer("item_emb", E)
         self.register_buffer("x0_scale", torch.tensor(scale_of(E)))
+        # item_space=trainable: W, initialised from E in the diffusion space (E * x0_scale).
+        self.item_keys = ItemKeys(E * self.x0_scale) if self.cfg.item_space == "trainable" else None
         if user_emb is not None:
             U = torch.as_tensor(np.asarray(user_emb), dtype=torch.float32)
             if U.dim() != 2 or U.shape[1] != self.cfg.d_c:
@@ -213,8 +230,20 @@ class DeftRec(nn.Module):
 
     @property
     def x0_table(self) -> Tensor:
-        """The diffusion space: E * x0_scale [n_items, d_c]."""
+        """The item matrix in the diffusion space [n_items, d_c]: E * x0_scale, or the trainable W.
+
+        It is what the continuous tokenizer reads, what the diffusion generates (without gradient
+        into W) and, divided by x0_scale, what retrieval ranks (:attr:`retrieval_keys`)."""
+        if self.item_keys is not None:
+            return self.item_keys()
         return self.item_emb * self.x0_scale
+
+    @property
+    def retrieval_keys(self) -> Tensor:
+        """The keys retrieval ranks against, in the item space [n_items, d_c]: E, or W / x0_scale."""
+        if self.item_keys is None:
+            return self.item_emb
+        return self.item_keys() / self.x0_scale
 
     @property
     def decoder(self) -> nn.Module:
@@ -299,17 +328,43 @@ class DeftRec(nn.Module):
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][sel])
         return F.cross_entropy(logits.float(), tgt[sel])
 
+    def item_states(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
+        """h at the last continuous token of every history item [N_items, d_llm] (float32), in the
+        batch's flat item order. A causal LLM's state there has read the prompt's lead-in and items
+        1..j of the sample, nothing after: the condition of the prefix that ends with item j."""
+        slots = self.cfg.prompt.slots
+        last = batch["placeholder_branch"].to(hidden.device) == slots - 1
+        positions = batch["placeholder_positions"].to(hidden.device)[last]
+        return hidden.reshape(-1, hidden.shape[-1])[positions].float()
+
+    def last_item_states(self, batch: dict[str, Tensor], hidden: Tensor) -> Tensor:
+        """The ``item_states`` condition of each sample [B, d_llm]: the state after its newest history
+        item; a sample without history items falls back to its last prompt position."""
+        dev = hidden.device
+        B = hidden.shape[0]
+        rows = torch.arange(B, device=dev)
+        fallback = hidden[rows, batch["prompt_last_index"].to(dev)].float()
+        lengths = batch["history_lengths"].to(dev)
+        if int(lengths.sum()) == 0:
+            return fallback
+        states = self.item_states(batch, hidden)
+        last = (torch.cumsum(lengths, 0) - 1).clamp(min=0)
+        return torch.where((lengths > 0)[:, None], states[last], fallback)
+
     def condition(self, batch: dict[str, Tensor], embeds: Tensor | None = None, hidden: Tensor | None = None,
                   kind: str | None = None) -> Tensor:
         """Condition vectors [B, d_llm] (float32) of a *training* batch (prompt + response).
 
-        ``prompt_state`` reads h at ``prompt_last_index``; the other two pool over ``response_mask``.
+        ``prompt_state`` reads h at ``prompt_last_index``; ``item_states`` at the newest history item's
+        last continuous token; the other two pool over ``response_mask``.
         Pass ``embeds``/``hidden`` from :meth:`encode` to avoid a second forward.
         """
         kind = kind or self.cfg.condition
         if embeds is None or (hidden is None and kind != "response_embeddings"):
             embeds, hidden = self.encode(batch)
         dev = embeds.device
+        if kind == "item_states":
+            return self.last_item_states(batch, hidden)
         if kind == "prompt_state":
             rows = torch.arange(hidden.shape[0], device=dev)
             return hidden[rows, batch["prompt_last_index"].to(dev)].float()
@@ -344,21 +399,49 @@ class DeftRecTask(nn.Module):
             raise ValueError(f"lambda_lm must be >= 0, got {self.lambda_lm}")
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Returns {"lm", "pos", "neg", "total"} (scalars; only "total" needs backward)."""
+        """Returns {"lm", "pos", "neg", "ce", "total"} (scalars; only "total" needs backward)."""
         m = self.model
         if "targets" not in batch or "labels" not in batch:
             raise ValueError("DeftRecTask needs a training batch (make_batch with targets)")
         embeds, hidden = m.encode(batch)
         lm = m.lm_loss(hidden, batch["labels"]) if self.lambda_lm > 0 else hidden.new_zeros((), dtype=torch.float32)
-        cond = m.condition(batch, embeds, hidden)
-        targets = batch["targets"].to(m.device)
+        if m.cfg.train.positions == "all":
+            cond, targets = m.item_states(batch, hidden), self.next_items(batch).to(m.device)
+        else:
+            cond, targets = m.condition(batch, embeds, hidden), batch["targets"].to(m.device)
         R = m.cfg.diffusion.batch_mul
         if R > 1:  # R independent diffusion draws per condition (one LLM pass)
             cond, targets = cond.repeat(R, 1), targets.repeat(R)
-        table = m.x0_table
+        table = m.x0_table  # W (with gradient: tokens and scores train it) or the fixed E * scale
+        fixed = table.detach()  # diffusion targets: the MSE must not shrink the space
         neg_x0 = None
         if m.head.cfg.lambda_neg > 0:
-            neg_x0 = m.head.sample_negative_mean(table, targets.shape[0], exclude=targets, generator=generator)
-        d = m.head.loss(table[targets], cond, neg_x0, generator=generator)
-        total = self.lambda_lm * lm + d["loss"]
-        return {"lm": lm, "pos": d["pos"], "neg": d["neg"], "total": total}
+            neg_x0 = m.head.sample_negative_mean(fixed, targets.shape[0], exclude=targets, generator=generator)
+        d = m.head.loss(fixed[targets], cond, neg_x0, generator=generator)
+        ce = self.catalog_ce(d["x0_hat"], table, targets)
+        total = self.lambda_lm * lm + d["loss"] + m.head.cfg.lambda_ce * ce
+        return {"lm": lm, "pos": d["pos"], "neg": d["neg"], "ce": ce, "total": total}
+
+    @staticmethod
+    def next_items(batch: dict[str, Tensor]) -> Tensor:
+        """The item after every history item of a batch [N_items] (flat item order): the next history
+        item of the same sample, or the sample's target after its newest one."""
+        items = batch["history_item_ids"]
+        sample = batch["item_sample_index"]
+        n = items.shape[0]
+        last = torch.ones(n, dtype=torch.bool)
+        if n > 1:
+            last[:-1] = sample[1:] != sample[:-1]
+        return torch.where(last, batch["targets"][sample], torch.roll(items, -1))
+
+    def catalog_ce(self, x0_hat: Tensor, table: Tensor, targets: Tensor) -> Tensor:
+        """Full-catalog cross-entropy of the x0 estimates' scores (``eval.score``'s rule, in the
+        diffusion space) over ``diffusion.ce_temperature``; 0 (and no work) when lambda_ce is 0."""
+        cfg = self.model.head.cfg
+        if cfg.lambda_ce == 0:
+            return x0_hat.new_zeros((), dtype=torch.float32)
+        q, keys = x0_hat.float(), table.float()
+        scores = q @ keys.T
+        if self.model.cfg.eval.score == "l2":  # -||q - k||^2 up to the per-row constant -||q||^2
+            scores = 2.0 * scores - keys.pow(2).sum(1)[None, :]
+        return F.cross_entropy(scores / cfg.ce_temperature, targets)

@@ -10,14 +10,19 @@ negative sampling, classifier-free guidance and the reverse sampling loop). The 
 the per-step sampler arithmetic are in :mod:`deftrec.model.schedule`.
 
 Training loss per sample i (errors are *means over the d_c dimensions*, i.e. MSE), with
-x_t = q_sample(x0, t, eps)::
+x_t = q_sample(x0, t, eps) and f the denoiser, whose target y is eps (``prediction: eps``, the
+method) or x0 (``prediction: x0``)::
 
-    e_pos_i = mean_d (eps_theta(x_t_i,  c_i, t_i) - eps_i)^2
-    e_neg_i = mean_d (eps_theta(x_t-_i, c_i, t_i) - eps_i)^2      (x0-_i = mean of n_neg items,
-                                                                  same t_i and eps_i)
+    e_pos_i = mean_d (f(x_t_i,  c_i, t_i) - y_i)^2
+    e_neg_i = mean_d (f(x_t-_i, c_i, t_i) - y-_i)^2      (x0-_i = mean of n_neg items, same t_i and
+                                                          eps_i; y- = eps_i or x0-_i)
     L_pos   = mean_i e_pos_i
-    L_neg   = mean_i -log sigmoid(e_neg_i - e_pos_i)
+    L_neg   = mean_i -log sigmoid(m (e_neg_i - e_pos_i))  (m = d_c with ``neg_scale: sum``, the
+                                                          spec's ||.||^2; 1 with ``mean``)
     L       = L_pos + lambda_neg * L_neg
+
+The loss also returns the x0 estimate of the positive rows (``x0_hat``), which the training task
+scores against the catalog (``lambda_ce``).
 
 Reverse process: DDPM over all T steps or DDIM over S evenly spaced steps, both starting at
 t = T - 1 (the authors' code starts at t = 99 of 1000, which skips most of the chain) and ending
@@ -159,25 +164,35 @@ class DiffusionHead(nn.Module):
         t = torch.tensor(steps, dtype=torch.long, device=like.device)
         return self.denoiser.time_features(t, like.dtype)
 
-    def eps_at(self, x_t: Tensor, cond_h: Tensor, time_h: Tensor, guidance_w: float = 0.0) -> Tensor:
-        """:meth:`guided_eps` for one timestep shared by every row, from ``sampling_condition``'s
-        output and that step's row of ``sampling_times`` ([1, hidden] or [hidden])."""
+    def eps_at(self, x_t: Tensor, cond_h: Tensor, time_h: Tensor, guidance_w: float = 0.0,
+               step: int | None = None) -> Tensor:
+        """:meth:`guided_eps` for one timestep ``step`` shared by every row, from ``sampling_condition``'s
+        output and that step's row of ``sampling_times`` ([1, hidden] or [hidden]). ``step`` is needed
+        to turn an x0 prediction into eps."""
         if guidance_w == 0.0:
-            return self.denoiser.trunk(x_t, cond_h, time_h)
-        B = x_t.shape[0]
-        out = self.denoiser.trunk(torch.cat([x_t, x_t]), cond_h, time_h)
-        return (1.0 + guidance_w) * out[:B] - guidance_w * out[B:]
+            out = self.denoiser.trunk(x_t, cond_h, time_h)
+        else:
+            B = x_t.shape[0]
+            both = self.denoiser.trunk(torch.cat([x_t, x_t]), cond_h, time_h)
+            out = (1.0 + guidance_w) * both[:B] - guidance_w * both[B:]
+        if self.cfg.prediction == "eps":
+            return out
+        if step is None:
+            raise ValueError("eps_at needs the step of an x0-predicting head")
+        return self.schedule.eps_from_x0_at(x_t, step, out)
 
     def guided_eps(self, x_t: Tensor, cond: Tensor, t: Tensor, guidance_w: float = 0.0) -> Tensor:
-        """eps = (1 + w) f(x_t, c, t) - w f(x_t, null, t); one batched [2B] call when w != 0."""
+        """eps = (1 + w) f(x_t, c, t) - w f(x_t, null, t); one batched [2B] call when w != 0. An x0
+        prediction is guided the same way, then turned into the eps it implies."""
         if guidance_w == 0.0:
-            return self.denoiser(x_t, cond, t)
-        B = x_t.shape[0]
-        drop = torch.cat([torch.zeros(B, dtype=torch.bool, device=x_t.device),
-                          torch.ones(B, dtype=torch.bool, device=x_t.device)])
-        out = self.denoiser(torch.cat([x_t, x_t]), torch.cat([cond, cond]), torch.cat([t, t]), drop)
-        e_cond, e_null = out[:B], out[B:]
-        return (1.0 + guidance_w) * e_cond - guidance_w * e_null
+            out = self.denoiser(x_t, cond, t)
+        else:
+            B = x_t.shape[0]
+            drop = torch.cat([torch.zeros(B, dtype=torch.bool, device=x_t.device),
+                              torch.ones(B, dtype=torch.bool, device=x_t.device)])
+            both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([cond, cond]), torch.cat([t, t]), drop)
+            out = (1.0 + guidance_w) * both[:B] - guidance_w * both[B:]
+        return out if self.cfg.prediction == "eps" else self.schedule.eps_from_x0(x_t, t, out)
 
     # -- training
     def loss(self, x0: Tensor, cond: Tensor, neg_x0: Tensor | None = None,
@@ -196,7 +211,8 @@ class DiffusionHead(nn.Module):
         in training mode, like dropout, so eval-mode losses are conditional losses; a dropped
         sample uses the null condition for both its positive and negative term.
 
-        Returns: dict(loss, pos, neg).
+        Returns: dict(loss, pos, neg, x0_hat): x0_hat [B, d_c] is the x0 estimate of the positive rows
+        (the output itself with ``prediction: x0``; from the predicted eps otherwise), with gradient.
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -209,34 +225,44 @@ class DiffusionHead(nn.Module):
             raise ValueError(f"neg_x0 must have x0's shape {tuple(x0.shape)}, got {tuple(neg_x0.shape)}")
 
         dev = x0.device
-        t = draw_randint(self.cfg.T, (B,), dev, generator)
-        eps = draw_randn(tuple(x0.shape), x0, generator)
+        if self.cfg.noise:
+            t = draw_randint(self.cfg.T, (B,), dev, generator)
+            eps = draw_randn(tuple(x0.shape), x0, generator)
+        else:  # the no-diffusion ablation: the input carries nothing of x0 (see direct_x0)
+            t = torch.full((B,), self.cfg.T - 1, dtype=torch.long, device=dev)
+            eps = torch.zeros_like(x0)
         drop = None
         if self.training and self.cfg.cond_dropout > 0:
             drop = draw_rand((B,), dev, generator) < self.cfg.cond_dropout
 
         use_neg = neg_x0 is not None and self.cfg.lambda_neg > 0
-        x_t = self.schedule.q_sample(x0, t, eps)
+        x0_pred = self.cfg.prediction == "x0"
+        x_t = self.schedule.q_sample(x0, t, eps) if self.cfg.noise else torch.zeros_like(x0)
         if use_neg:
             # Same t and eps for the negative; both halves in one batched call of 2B rows.
-            x_t_neg = self.schedule.q_sample(neg_x0.to(x0.dtype), t, eps)
+            neg_x0 = neg_x0.to(x0.dtype)
+            x_t_neg = self.schedule.q_sample(neg_x0, t, eps) if self.cfg.noise else torch.zeros_like(x0)
             pred = self.denoiser(torch.cat([x_t, x_t_neg]), torch.cat([cond, cond]), torch.cat([t, t]),
                                  None if drop is None else torch.cat([drop, drop]))
             assert pred.shape == (2 * B, self.cfg.d_c), pred.shape
-            err = (pred.float() - torch.cat([eps, eps]).float()).pow(2).mean(dim=1)
+            target = torch.cat([x0, neg_x0]) if x0_pred else torch.cat([eps, eps])
+            err = (pred.float() - target.float()).pow(2).mean(dim=1)
             pos, neg_err = err[:B], err[B:]
+            margin = float(self.cfg.d_c) if self.cfg.neg_scale == "sum" else 1.0
             # -log sigmoid(e_neg - e_pos): small when the negative is denoised worse than the positive.
-            neg = F.softplus(pos - neg_err)
+            neg = F.softplus(margin * (pos - neg_err))
+            pred = pred[:B]
         else:
             pred = self.denoiser(x_t, cond, t, drop)
             assert pred.shape == x0.shape, pred.shape
-            pos = (pred.float() - eps.float()).pow(2).mean(dim=1)
+            pos = (pred.float() - (x0 if x0_pred else eps).float()).pow(2).mean(dim=1)
             neg = torch.zeros_like(pos)
         assert pos.shape == (B,) and neg.shape == (B,)
+        x0_hat = pred if x0_pred else self.schedule.predict_x0(x_t, t, pred)
         total = pos + self.cfg.lambda_neg * neg
         if reduction == "none":
-            return {"loss": total, "pos": pos, "neg": neg}
-        return {"loss": total.mean(), "pos": pos.mean(), "neg": neg.mean()}
+            return {"loss": total, "pos": pos, "neg": neg, "x0_hat": x0_hat}
+        return {"loss": total.mean(), "pos": pos.mean(), "neg": neg.mean(), "x0_hat": x0_hat}
 
     def sample_negative_mean(self, item_table: Tensor, batch_size: int, n_neg: int | None = None,
                              exclude: Tensor | None = None,
@@ -266,6 +292,20 @@ class DiffusionHead(nn.Module):
         return item_table[idx].mean(dim=1)
 
     # -- inference
+    @torch.no_grad()
+    def direct_x0(self, cond: Tensor) -> Tensor:
+        """The query of a ``noise: false`` head: its output for x_t = 0 at t = T-1 (eval mode)."""
+        was_training = self.denoiser.training
+        self.denoiser.eval()
+        try:
+            param = next(self.denoiser.parameters())
+            cond = cond.to(device=param.device, dtype=param.dtype)
+            t = torch.full((cond.shape[0],), self.cfg.T - 1, dtype=torch.long, device=param.device)
+            return self.denoiser(torch.zeros(cond.shape[0], self.cfg.d_c, device=param.device, dtype=param.dtype),
+                                 cond, t)
+        finally:
+            self.denoiser.train(was_training)
+
     @torch.no_grad()
     def sample(self, cond: Tensor, sampler: str | None = None, steps: int | None = None,
                generator: torch.Generator | None = None, guidance_w: float | None = None,
@@ -322,7 +362,7 @@ class DiffusionHead(nn.Module):
             time_h = self.sampling_times(ts, x_T)  # every step's time features in one pass
             x = x_T
             for i, step in enumerate(ts):
-                eps = self.eps_at(x, cond_h, time_h[i], guidance_w)
+                eps = self.eps_at(x, cond_h, time_h[i], guidance_w, step)
                 if sampler == "ddpm":
                     x = self.schedule.ddpm_step_at(x, step, eps, noise(step) if step > 0 else None)
                 else:

@@ -221,6 +221,8 @@ def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg))
         tokenizer = AutoTokenizer.from_pretrained(source)
     _ensure_pad_token(model, tokenizer)
+    if cfg.num_layers is not None:
+        keep_first_layers(model, cfg.num_layers)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works when only inputs_embeds (the continuous tokens) require grad,
         # e.g. under LoRA with frozen embeddings; the reentrant variant would silently drop those gradients.
@@ -231,6 +233,19 @@ def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     return model, tokenizer
+
+
+def keep_first_layers(model: PreTrainedModel, n: int) -> None:
+    """Cut a decoder-only LM to its first ``n`` layers in place (config updated, so a saved copy
+    reloads with ``n``). The embeddings, final norm and LM head stay: a truncated pretrained LLM
+    keeps its token knowledge and lower layers at a fraction of the compute."""
+    layers = model.get_decoder().layers
+    if n > len(layers):
+        raise ValueError(f"llm.num_layers={n}, but the LLM has only {len(layers)} layers")
+    model.get_decoder().layers = torch.nn.ModuleList(list(layers)[:n])
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = list(model.config.layer_types)[:n]
 
 
 def add_placeholder_tokens(

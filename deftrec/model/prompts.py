@@ -121,7 +121,10 @@ def _slot_text(cfg: PromptConfig, placeholder) -> str:
 
 
 def render_history_item(title: str, cfg: PromptConfig) -> str:
-    """`` {title} <diff><collab_0>..<collab_{S-1}></diff>,`` with S = ``cfg.slots``."""
+    """`` {title} <diff><collab_0>..<collab_{S-1}></diff>,`` with S = ``cfg.slots`` (no title when
+    ``cfg.max_title_chars`` is 0)."""
+    if cfg.max_title_chars == 0:
+        return f" {_slot_text(cfg, item_placeholder)},"
     return f" {clean_title(title, cfg.max_title_chars)} {_slot_text(cfg, item_placeholder)},"
 
 
@@ -143,6 +146,8 @@ def render_response(title: str, category: str | None, cfg: PromptConfig) -> str:
     cat = ", ".join(part.strip() for part in str(category or "").split("|") if part.strip())
     cat = _SPACE_RE.sub(" ", _MARKER_RE.sub("", cat))
     lead = f"({cat}) {tpl.noun}" if cat else tpl.noun
+    if cfg.max_title_chars == 0:  # titles are left out of the prompts: the sentence names the category only
+        return f"The user may prefer {lead}."
     return f"The user may prefer {lead}, such as {clean_title(title, cfg.max_title_chars)}."
 
 

@@ -140,6 +140,15 @@ class NoiseSchedule(nn.Module):
         """x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (inverse of q_sample)."""
         return (x_t - self._at(self.sqrt_one_minus_alpha_bar, t, x_t) * eps) / self._at(self.sqrt_alpha_bar, t, x_t)
 
+    def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t): the noise an x0 estimate implies."""
+        return (x_t - self._at(self.sqrt_alpha_bar, t, x_t) * x0) / self._at(self.sqrt_one_minus_alpha_bar, t, x_t)
+
+    def eps_from_x0_at(self, x_t: Tensor, step: int, x0: Tensor) -> Tensor:
+        """:meth:`eps_from_x0` with t = ``step`` for every row."""
+        abar = float(self.alpha_bar[step])
+        return (x_t - math.sqrt(abar) * x0) / math.sqrt(1.0 - abar)
+
     def ddpm_step(self, x_t: Tensor, t: Tensor, eps: Tensor, noise: Tensor | None = None) -> Tensor:
         """One ancestral step x_t -> x_{t-1}: posterior mean (x0 from eps) + sigma_t z, sigma_t^2 =
         posterior variance (beta tilde). No noise is added where t = 0 (its variance is 0)."""

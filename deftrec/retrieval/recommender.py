@@ -4,8 +4,9 @@
         --divide by x0_scale--> query q in the item space --searcher--> top-K items
 
 :meth:`DeftRecRecommender.queries` runs the first three steps for a batch of users. A *searcher*
-ranks the catalog for the queries by the configured rule (``eval.score``: -||q - E_i||^2 or
-<q, E_i>), without the items each user is to be denied:
+ranks the catalog for the queries by the configured rule (``eval.score``: -||q - K_i||^2 or
+<q, K_i>, K the model's ``retrieval_keys``: LightGCN's E, or the trained W), without the items each
+user is to be denied:
 
 - :class:`ExactSearch`: the full score matrix against E in torch (validation, in-process use);
 - :class:`IndexSearch`: the FAISS index built by ``pipelines.index`` (batch evaluation, serving).
@@ -137,7 +138,8 @@ class DeftRecRecommender:
             raise ValueError(f"eval.steps ({self.cfg.steps}) must be <= diffusion.T ({T})")
         if self.cfg.guidance_w > 0 and model.head.cfg.cond_dropout == 0:
             raise ValueError("guidance_w > 0 needs a model trained with diffusion.cond_dropout > 0")
-        self.exact = ExactSearch(model.item_emb, self.cfg.score)
+        with torch.no_grad():
+            self.exact = ExactSearch(model.retrieval_keys.detach(), self.cfg.score)
 
     # -- step 1-3: prompt -> (reasoning) -> condition
     @torch.no_grad()
@@ -148,16 +150,17 @@ class DeftRecRecommender:
         batch = _to_device(m.make_batch(histories, users=users, generation=True), m.device)
         embeds = m.embed(batch)
         kind = m.cfg.condition
-        generate = kind != "prompt_state" or explain
+        generate = kind not in ("prompt_state", "item_states") or explain
         out = m.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                         position_ids=batch["position_ids"], use_cache=generate)
         h_last = out.last_hidden_state[:, -1]  # left padding: every prompt ends at the last column
+        state = m.last_item_states(batch, out.last_hidden_state) if kind == "item_states" else h_last.float()
         if not generate:
-            return h_last.float(), None
+            return state, None
         tokens, keep, tok_embeds, tok_hidden = self._greedy(batch, h_last, _cache_of(out),
                                                             need_hidden=kind == "hidden_states")
-        if kind == "prompt_state":
-            cond = h_last.float()
+        if kind in ("prompt_state", "item_states"):
+            cond = state
         elif kind == "response_embeddings":
             cond = _masked_mean(tok_embeds.float(), keep)
         else:
@@ -217,11 +220,18 @@ class DeftRecRecommender:
         m = self.model
         head = m.head
         seed = self.cfg.seed if seed is None else int(seed)
+        if not head.cfg.noise:  # the no-diffusion ablation: the head's output is the query
+            return head.direct_x0(cond.to(m.device))
         keys = torch.as_tensor(np.asarray(keys, dtype=np.int64))
         d_c, dev = head.cfg.d_c, m.device
-        x = keyed_normal(seed, keys, stream=0, dim=d_c).to(dev)
-        return head.reverse(x, cond.to(dev), self.cfg.sampler, self.cfg.steps, self.cfg.guidance_w, self.cfg.eta,
-                            noise=lambda step: keyed_normal(seed, keys, stream=step + 1, dim=d_c).to(dev))
+        total = None
+        for draw in range(self.cfg.samples):  # draw d uses seed + d: draw 0 is the single-sample query
+            s = seed + draw
+            x = keyed_normal(s, keys, stream=0, dim=d_c).to(dev)
+            x0 = head.reverse(x, cond.to(dev), self.cfg.sampler, self.cfg.steps, self.cfg.guidance_w, self.cfg.eta,
+                              noise=lambda step, s=s: keyed_normal(s, keys, stream=step + 1, dim=d_c).to(dev))
+            total = x0 if total is None else total + x0
+        return total / self.cfg.samples
 
     # -- steps 1-4 and the rescale: one batch of queries
     @torch.no_grad()
@@ -241,7 +251,7 @@ class DeftRecRecommender:
 
     @torch.no_grad()
     def scores(self, x0: Tensor) -> Tensor:
-        """Scores [B, n_items] of x0_hat (scaled space) against E in the original space."""
+        """Scores [B, n_items] of x0_hat (scaled space) against the retrieval keys (item space)."""
         return self.exact.scores(x0.float() / self.model.x0_scale)
 
     def _keys(self, n: int, users) -> np.ndarray:

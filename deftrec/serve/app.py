@@ -9,6 +9,11 @@ Routes: ``POST /recommend``, ``GET /items/{item_id}``, ``GET /healthz``, ``GET /
 new model or index version is swapped in through ``user_config`` -> ``reconfigure`` after it has
 loaded and passed a warm-up, so requests in flight finish on the old version and none fail.
 
+Back-pressure: every deployment bounds its queue (``max_queued_requests`` at each caller, on top
+of ``max_ongoing_requests`` per replica) and the ingress waits at most ``request_timeout_s`` for
+a recommendation, so overload answers 503 (with ``Retry-After``) at once instead of queueing
+without bound.
+
 Two topologies share this code:
 
 * ``split`` (default): an ``Ingress`` deployment (HTTP, validation, catalog; CPU) calls a
@@ -26,6 +31,7 @@ from typing import Any, Callable, Optional
 
 from fastapi import FastAPI, HTTPException, Response
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from deftrec.serve.engine import (
     Query,
@@ -43,6 +49,11 @@ from deftrec.serve.schemas import (
 )
 
 MAX_BODY_BYTES = 64 * 1024
+#: Requests each caller (the HTTP proxy, the ingress's handle) queues per deployment beyond
+#: ``max_ongoing_requests``; more answer 503 at once.
+MAX_QUEUED_REQUESTS = 256
+#: Longest the ingress waits for a recommendation before answering 503.
+REQUEST_TIMEOUT_S = 30.0
 
 # max_body_size: FastAPI refuses larger bodies with 413 while reading them (chunked ones too),
 # without the per-request cost of a BaseHTTPMiddleware.
@@ -107,24 +118,26 @@ class BatchedRecommender:
         return await self.recommend_batch(query)
 
 
-@serve.deployment(name="Recommender", max_ongoing_requests=64)
+@serve.deployment(name="Recommender", max_ongoing_requests=64, max_queued_requests=MAX_QUEUED_REQUESTS)
 class Recommender(BatchedRecommender):
     """Split topology: the model replica, called by the ingress through a deployment handle."""
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=256)
+@serve.deployment(name="Ingress", max_ongoing_requests=256, max_queued_requests=MAX_QUEUED_REQUESTS)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, recommender, run_dir: str, max_history: Optional[int] = None,
-                 local: Optional[dict] = None):
+                 local: Optional[dict] = None, request_timeout_s: float = REQUEST_TIMEOUT_S):
         """``recommender``: the Recommender's handle (split), or None with ``local`` holding the
         BatchedRecommender's arguments (fused)."""
         self.recommender = recommender
+        self.request_timeout_s = request_timeout_s
         self.local = BatchedRecommender(run_dir, **local) if recommender is None else None
         self.catalog = ServingCatalog(Path(run_dir) / "data", max_history)
         self.user_offset = len(self.catalog.user_index) + 1
 
-    @api.post("/recommend", response_model=RecommendResponse, responses={404: {"description": "unknown id"}})
+    @api.post("/recommend", response_model=RecommendResponse, responses={
+        404: {"description": "unknown id"}, 503: {"description": "overloaded: retry after the Retry-After seconds"}})
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         t0 = time.perf_counter()
         try:
@@ -140,10 +153,7 @@ class Ingress:
         k = min(req.k, self.catalog.n_items)
         q = Query(history=history, key=user if user is not None else history_key(history, self.user_offset),
                   user=user, k=k, exclude_history=req.exclude_history, explain=req.explain, exclude=seen)
-        if self.local is not None:
-            res = await self.local.recommend(q)
-        else:
-            res = await self.recommender.recommend.remote(q)
+        res = await self._recommend_bounded(q)
         timings = res["timings_ms"]
         timings["total"] = (time.perf_counter() - t0) * 1e3
         body = RecommendResponse(
@@ -152,6 +162,21 @@ class Ingress:
             timings_ms=timings)
         # Validated once above; a Response skips FastAPI's second validation + encoding pass.
         return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _recommend_bounded(self, q: Query) -> dict:
+        """The recommendation of ``q``, or 503 when the recommender's queue is full or it takes
+        longer than ``request_timeout_s`` (the request is then cancelled)."""
+        remote = self.recommender.recommend.remote(q) if self.local is None else None
+        try:
+            return await asyncio.wait_for(self.local.recommend(q) if remote is None else remote, self.request_timeout_s)
+        except BackPressureError as e:
+            raise HTTPException(status_code=503, detail=f"overloaded, try again later: {e.message}",
+                                headers={"Retry-After": "1"}) from None
+        except asyncio.TimeoutError:
+            if remote is not None:
+                remote.cancel()
+            raise HTTPException(status_code=503, headers={"Retry-After": "1"},
+                                detail=f"overloaded: no answer within {self.request_timeout_s:g} s") from None
 
     @api.get("/items/{item_id}", response_model=Item, responses={404: {"description": "unknown item"}})
     async def item(self, item_id: str) -> Item:
@@ -179,15 +204,26 @@ class Ingress:
 def build_app(run_dir: Optional[str] = None, loader: Optional[Callable] = None, num_cpus: float = 1.0,
               num_gpus: float = 0.0, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01,
               num_replicas: Any = 1, user_config: Optional[dict] = None, ingress_cpus: float = 0.0,
-              ddim_steps: Optional[int] = None, topology: str = "split"):
+              ddim_steps: Optional[int] = None, topology: str = "split",
+              max_ongoing_requests: Optional[int] = None, max_queued_requests: int = MAX_QUEUED_REQUESTS,
+              request_timeout_s: float = REQUEST_TIMEOUT_S):
     """The application graph; ``loader(model_dir) -> DeftRec`` can be injected (tests, custom storage).
 
-    ``num_cpus``/``num_gpus``/``num_replicas`` (an int, or a dict for autoscaling) and
+    ``num_cpus``/``num_gpus``/``num_replicas`` (an int, or a dict for autoscaling),
+    ``max_ongoing_requests`` (default ``max(64, 2 x max_batch_size)``, 256 fused) and
     ``user_config`` apply to the replica that holds the model: the Recommender (split) or the
     Ingress (fused). ``ingress_cpus`` is the split topology's ingress reservation.
+    ``max_queued_requests`` bounds every deployment's queue and ``request_timeout_s`` the wait
+    for a recommendation: beyond either the answer is 503.
     """
     if topology not in TOPOLOGIES:
         raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
+    if max_queued_requests < 1 or not request_timeout_s > 0:
+        raise ValueError(f"max_queued_requests must be >= 1 and request_timeout_s > 0 (bounded queues), got "
+                         f"{max_queued_requests} and {request_timeout_s}")
+    if max_ongoing_requests is not None and max_ongoing_requests < max_batch_size:
+        raise ValueError(f"max_ongoing_requests ({max_ongoing_requests}) must be >= max_batch_size "
+                         f"({max_batch_size}), or batches never fill")
     run_dir = run_dir or os.environ.get("DEFTREC_RUN_DIR")
     if not run_dir:
         raise ValueError("no run directory: pass run_dir=DIR (serve run deftrec.serve:app run_dir=DIR) "
@@ -197,7 +233,8 @@ def build_app(run_dir: Optional[str] = None, loader: Optional[Callable] = None, 
         if not (Path(run_dir) / sub / "manifest.json").is_file():
             raise ValueError(f"{run_dir}/{sub} is missing or incomplete; run the pipeline first")
     model_opts: dict = {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
-                        "max_ongoing_requests": max(64, 2 * max_batch_size)}
+                        "max_ongoing_requests": max_ongoing_requests or max(64, 2 * max_batch_size),
+                        "max_queued_requests": max_queued_requests}
     if isinstance(num_replicas, dict):
         model_opts["autoscaling_config"] = num_replicas
     else:
@@ -207,10 +244,11 @@ def build_app(run_dir: Optional[str] = None, loader: Optional[Callable] = None, 
     batching = dict(loader=loader, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                     ddim_steps=ddim_steps)
     if topology == "fused":
-        model_opts["max_ongoing_requests"] = max(256, 2 * max_batch_size)
-        return Ingress.options(**model_opts).bind(None, run_dir, local=batching)
+        model_opts["max_ongoing_requests"] = max_ongoing_requests or max(256, 2 * max_batch_size)
+        return Ingress.options(**model_opts).bind(None, run_dir, local=batching, request_timeout_s=request_timeout_s)
     recommender = Recommender.options(**model_opts).bind(run_dir, **batching)
-    return Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}).bind(recommender, run_dir)
+    return Ingress.options(ray_actor_options={"num_cpus": ingress_cpus}, max_queued_requests=max_queued_requests
+                           ).bind(recommender, run_dir, request_timeout_s=request_timeout_s)
 
 
 def app(args: dict):
@@ -220,7 +258,8 @@ def app(args: dict):
     if "topology" in args:
         kwargs["topology"] = str(args.pop("topology"))
     for key, conv in (("num_cpus", float), ("num_gpus", float), ("max_batch_size", int),
-                      ("batch_wait_timeout_s", float), ("ddim_steps", int)):
+                      ("batch_wait_timeout_s", float), ("ddim_steps", int), ("max_ongoing_requests", int),
+                      ("max_queued_requests", int), ("request_timeout_s", float)):
         if key in args:
             kwargs[key] = conv(args.pop(key))
     if args:

@@ -31,6 +31,14 @@ class UnknownId(KeyError):
         return self.args[0]
 
 
+def _id_key(kind: str, value) -> str:
+    """The catalog key of an id: strings and integers only. A boolean or a float is never an id
+    (``True`` would otherwise match user ``"True"``, ``1.0`` item ``"1.0"``): it is unknown."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, np.integer)):
+        raise UnknownId(kind, value)
+    return str(value)
+
+
 class ServingCatalog:
     """Item metadata, id maps and stored user histories of one preprocessed data directory."""
 
@@ -61,7 +69,7 @@ class ServingCatalog:
         return len(self.item_ids)
 
     def user(self, user_id) -> int:
-        key = str(user_id)
+        key = _id_key("user_id", user_id)
         if key not in self.user_index:
             raise UnknownId("user_id", user_id)
         return self.user_index[key]
@@ -69,7 +77,7 @@ class ServingCatalog:
     def items(self, item_ids: Sequence) -> np.ndarray:
         out = np.empty(len(item_ids), dtype=np.int64)
         for j, iid in enumerate(item_ids):
-            idx = self.item_index.get(str(iid))
+            idx = self.item_index.get(_id_key("item_id", iid))
             if idx is None:
                 raise UnknownId("item_id", iid)
             out[j] = idx

@@ -1,17 +1,22 @@
-"""Request and response schemas of the recommendation API (Pydantic; they are the OpenAPI document)."""
+"""Request and response schemas of the recommendation API (Pydantic; they are the OpenAPI document).
+
+Requests are validated in strict mode: a value of the wrong JSON type is refused (422), never
+coerced (no ``true`` as user ``"1"`` or ``k = 1``, no ``0`` as ``exclude_history = false``, no
+boolean or float as an item id).
+"""
 
 from __future__ import annotations
 
 from typing import Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 MAX_HISTORY_ITEMS = 500  # longer histories are refused (422); the model only reads the last max_history
-Id = Union[str, int]
+Id = Union[StrictStr, StrictInt]
 
 
 class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: Optional[Id] = Field(None, description="a known user; their stored history is used unless `history` is given")
     history: Optional[list[Id]] = Field(None, min_length=1, max_length=MAX_HISTORY_ITEMS,

@@ -3,6 +3,12 @@
 What a run is (:func:`config_fingerprint`), what rank 0 records (:class:`TrainerState`), how a
 checkpoint directory is written (:func:`write_checkpoint`, collective) and read back
 (:func:`read_checkpoint`), and the consolidation of (ZeRO-3 partitioned) weights.
+
+Integrity: DeepSpeed's loader unpickles its state files (``torch.load(weights_only=False)``), so
+every rank records the sha256 of each file it wrote (``checksums/rank-NNNNN.json``, written last)
+and :func:`read_checkpoint` verifies all of them (:func:`verify_checkpoint`) before anything is
+read or loaded. This detects files changed, truncated or planted after they were written; whoever
+can write both a file and its checksum list can still run code (see README, "Trust boundary").
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deftrec.config.model import DeftRecConfig
-from deftrec.core.artifacts import fingerprint
+from deftrec.core.artifacts import ArtifactError, file_checksums, fingerprint, sha256_file, write_json_atomic
 from deftrec.core.config import to_dict
 
 if TYPE_CHECKING:
@@ -36,6 +42,12 @@ from deftrec.artifacts.model import (
 DS_TAG = "state"
 #: Directory of the (per-rank) DeepSpeed states inside every Ray checkpoint directory.
 DS_DIR = "deepspeed"
+#: Directory of the per-rank checksum lists inside every Ray checkpoint directory.
+CHECKSUM_DIR = "checksums"
+
+
+class CheckpointIntegrityError(ArtifactError):
+    """A checkpoint file does not match the checksum recorded when it was written (or has none)."""
 
 
 #: Metric the checkpoint manager ranks checkpoints by: validation NDCG@10 (primary protocol) on
@@ -101,8 +113,12 @@ def read_trainer_state(checkpoint_dir: str | Path) -> TrainerState:
 def read_checkpoint(checkpoint_dir: Path, expected_fingerprint: str) -> tuple[TrainerState, dict[str, torch.Tensor]]:
     """(trainer state, consolidated weights) of a training checkpoint of the run ``expected_fingerprint``.
 
-    Raises ValueError when the checkpoint was written with another configuration.
+    Every file, the DeepSpeed states included, is first checked against the checksums recorded at
+    save time (:func:`verify_checkpoint`), so ``engine.load_checkpoint`` afterwards unpickles only
+    files this run wrote. Raises :class:`CheckpointIntegrityError` naming a file that does not
+    match, ValueError when the checkpoint was written with another configuration.
     """
+    verify_checkpoint(checkpoint_dir)
     old = read_trainer_state(checkpoint_dir)
     if old.fingerprint != expected_fingerprint:
         raise ValueError(f"checkpoint {checkpoint_dir} was written with a different configuration "
@@ -112,11 +128,68 @@ def read_checkpoint(checkpoint_dir: Path, expected_fingerprint: str) -> tuple[Tr
     return old, load_file(str(Path(checkpoint_dir) / WEIGHTS_FILE))
 
 
+def record_checksums(directory: Path, rank: int) -> None:
+    """Write ``checksums/rank-NNNNN.json``: sha256 and size of every file this rank wrote (last step)."""
+    files = file_checksums(directory, skip=())
+    files = {k: v for k, v in files.items() if not k.startswith(f"{CHECKSUM_DIR}/")}
+    (directory / CHECKSUM_DIR).mkdir(exist_ok=True)
+    write_json_atomic(directory / CHECKSUM_DIR / f"rank-{rank:05d}.json", {"rank": rank, "files": files})
+
+
+def verify_checkpoint(checkpoint_dir: str | Path) -> None:
+    """Check every file of a training checkpoint against the checksums its ranks recorded.
+
+    Raises :class:`CheckpointIntegrityError` naming the first file that is missing, has another
+    size or sha256, or is not listed at all (outside hidden files that Ray may add), and when a
+    rank's list is missing. Reads no file other than the JSON lists and hashes.
+    """
+    root = Path(checkpoint_dir)
+    lists = sorted((root / CHECKSUM_DIR).glob("rank-*.json"))
+    if not lists:
+        raise CheckpointIntegrityError(f"{root}: no {CHECKSUM_DIR}/rank-*.json; the checkpoint has no recorded "
+                                       "checksums (written by an older version or tampered with): refusing to "
+                                       "load it; start a fresh run (another name)")
+    expected: dict[str, list[dict]] = {}
+    ranks = set()
+    for lst in lists:
+        try:
+            doc = json.loads(lst.read_text())
+            ranks.add(int(doc["rank"]))
+            for rel, meta in doc["files"].items():
+                expected.setdefault(rel, []).append(meta)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointIntegrityError(f"{lst}: unreadable checksum list ({e})") from None
+    for rel, metas in sorted(expected.items()):
+        f = root / rel
+        if not f.is_file():
+            raise CheckpointIntegrityError(f"{f}: listed in {root / CHECKSUM_DIR} but missing")
+        size = f.stat().st_size
+        if size not in {m.get("bytes") for m in metas}:
+            problem = f"{size} bytes, {metas[0].get('bytes')} recorded"
+        elif (digest := sha256_file(f)) not in {m.get("sha256") for m in metas}:
+            problem = f"sha256 {digest[:12]}..., {str(metas[0].get('sha256'))[:12]}... recorded"
+        else:
+            continue
+        raise CheckpointIntegrityError(f"{f}: does not match the checksum recorded when it was saved ({problem}); "
+                                       "it was changed, truncated or corrupted: refusing to load the checkpoint")
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).as_posix()
+        if f.is_file() and rel not in expected and not rel.startswith(f"{CHECKSUM_DIR}/") and \
+                (rel.startswith(f"{DS_DIR}/") or not f.name.startswith(".")):
+            raise CheckpointIntegrityError(f"{f}: not listed in {root / CHECKSUM_DIR}; refusing to load a "
+                                           "checkpoint with files nobody recorded")
+    world = read_trainer_state(root).world_size
+    if ranks != set(range(world)):
+        raise CheckpointIntegrityError(f"{root}: checksum lists of ranks {sorted(ranks)} found, "
+                                       f"ranks 0..{world - 1} expected")
+
+
 def write_checkpoint(directory: Path, engine: Any, model: DeftRec, state: TrainerState, rank: int) -> None:
     """Write this rank's part of a training checkpoint into ``directory``; every rank must call it.
 
     Every rank: its DeepSpeed states (``deepspeed/``). Rank 0: the consolidated weights (gathered
-    collectively under ZeRO-3) and ``trainer_state.json``.
+    collectively under ZeRO-3) and ``trainer_state.json``. Every rank last: the checksums of the
+    files it wrote (:func:`record_checksums`), which :func:`read_checkpoint` verifies.
     """
     engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
     weights = consolidated_state(model, rank)  # collective under ZeRO-3
@@ -125,6 +198,7 @@ def write_checkpoint(directory: Path, engine: Any, model: DeftRec, state: Traine
 
         save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS_FILE))
         (directory / STATE_FILE).write_text(json.dumps(state.to_json(), indent=2, default=str))
+    record_checksums(directory, rank)
 
 
 def _is_zero3(p: torch.nn.Parameter) -> bool:

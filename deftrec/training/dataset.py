@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 
-def samples_table(sequences: pa.Table, min_history: int, max_samples_per_user: int, max_history: int) -> pa.Table:
+def samples_table(sequences: pa.Table, min_history: int, max_samples_per_user: int | None, max_history: int,
+                  stride: int = 1) -> pa.Table:
     """Training samples of a batch of ``sequences.parquet`` rows (``user``, ``items``).
 
     The training sequence of a user is s[:-2] (validation and test targets never leak); its
@@ -29,7 +30,7 @@ def samples_table(sequences: pa.Table, min_history: int, max_samples_per_user: i
 
     users = sequences.column("user").to_numpy().astype(np.int64)
     seqs = Ragged.from_arrow(sequences.column("items")).drop_last(2)
-    s = build_training_samples(seqs, users, min_history, max_samples_per_user, max_history)
+    s = build_training_samples(seqs, users, min_history, max_samples_per_user, max_history, stride)
     _, flat = s.histories.flat()
     offsets = np.concatenate([[0], np.cumsum(s.histories.lengths)]).astype(np.int64)
     history = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int64()))
@@ -47,9 +48,9 @@ def build_train_dataset(data_dir: str | Path, cfg: DeftRecConfig, source: str = 
     """
     import ray.data
 
-    t = cfg.train
-    kwargs = {"min_history": t.min_history, "max_samples_per_user": t.max_samples_per_user,
-              "max_history": cfg.prompt.max_history}
+    from deftrec.data.samples import sample_options
+
+    kwargs = sample_options(cfg)
     path = Path(data_dir) / "sequences.parquet"
     if source == "driver":
         import pyarrow.parquet as pq

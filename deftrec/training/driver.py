@@ -152,7 +152,7 @@ def train_distributed(
 
     from deftrec.artifacts.collab import load_collab
     from deftrec.core.cluster import ensure_ray
-    from deftrec.data.samples import build_training_samples, load_dataset
+    from deftrec.data.samples import build_training_samples, sample_options, load_dataset
 
     say = writer(log)
     run_dir = Path(run_dir)
@@ -173,8 +173,7 @@ def train_distributed(
     if collab.item_emb.shape[0] != data.n_items:
         raise ValueError(f"the collab artifact has {collab.item_emb.shape[0]} items, the data {data.n_items}")
     t = cfg.train
-    n_samples = len(build_training_samples(data.train_sequences, data.users, t.min_history, t.max_samples_per_user,
-                                           cfg.prompt.max_history))
+    n_samples = len(build_training_samples(data.train_sequences, data.users, **sample_options(cfg)))
     valid = data.valid.sample(t.valid_users, t.seed)
     if len(valid) < dist.num_workers:
         raise ValueError(f"{len(valid)} validation users cannot be split over {dist.num_workers} workers")

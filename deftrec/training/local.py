@@ -27,6 +27,7 @@ from deftrec.data.samples import (
     PreprocessedData,
     TrainingSamples,
     build_training_samples,
+    sample_options,
     load_dataset,
     training_pairs,
 )
@@ -105,8 +106,7 @@ def train_local(
     task = DeftRecTask(model)
     timings["build"] = time.perf_counter() - t0
 
-    samples = build_training_samples(data.train_sequences, data.users, t.min_history, t.max_samples_per_user,
-                                     cfg.prompt.max_history)
+    samples = build_training_samples(data.train_sequences, data.users, **sample_options(cfg))
     if len(samples) == 0:
         raise ValueError(f"no training samples: every training sequence is shorter than train.min_history+1 "
                          f"({t.min_history + 1})")

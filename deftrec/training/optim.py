@@ -78,7 +78,7 @@ def train_step(
     if not micro_batches:
         raise ValueError("need at least one micro-batch")
     n = len(micro_batches)
-    sums = {"lm": 0.0, "pos": 0.0, "neg": 0.0, "total": 0.0}
+    sums = dict.fromkeys(LOSS_PARTS, 0.0)
     for mb in micro_batches:
         parts = task(mb, generator=generator)
         (parts["total"] / n).backward()
@@ -98,7 +98,7 @@ def train_step(
 
 
 #: The loss parts every training step reports (train_step and the DeepSpeed loop alike).
-LOSS_PARTS = ("lm", "pos", "neg", "total")
+LOSS_PARTS = ("lm", "pos", "neg", "ce", "total")
 
 
 def _zero_parts() -> dict[str, float]:
@@ -131,5 +131,6 @@ class LossWindow:
 
 def step_line(step: int, total: int, epoch: int, parts: dict[str, float], lr: float, samples_per_s: float) -> str:
     """The log line of a training step (``parts``: the mean loss parts of the window)."""
+    ce = f" ce {parts['ce']:.3f}" if parts.get("ce") else ""
     return (f"[deftrec] step {step}/{total} epoch {epoch} loss {parts['total']:.4f} (lm {parts['lm']:.3f} "
-            f"pos {parts['pos']:.4f} neg {parts['neg']:.4f}) lr {lr:.2e} {samples_per_s:.1f} samples/s")
+            f"pos {parts['pos']:.4f} neg {parts['neg']:.4f}{ce}) lr {lr:.2e} {samples_per_s:.1f} samples/s")

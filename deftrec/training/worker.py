@@ -329,12 +329,12 @@ def _log_if_due(run: _Run) -> dict[str, Any]:
     if not (s.step % run.cfg.train.log_every == 0 or s.step >= run.total):
         return {}
     means = run.window.means()
-    lm, pos, neg, tot = mean_over_ranks([means[k] for k in LOSS_PARTS], run.device, run.world)
-    metrics = {"step": s.step, "epoch": s.epoch + 1, "loss": tot, "lm": lm, "pos": pos, "neg": neg,
+    lm, pos, neg, ce, tot = mean_over_ranks([means[k] for k in LOSS_PARTS], run.device, run.world)
+    metrics = {"step": s.step, "epoch": s.epoch + 1, "loss": tot, "lm": lm, "pos": pos, "neg": neg, "ce": ce,
                "lr": run.scheduler.get_last_lr()[0], "samples_per_s": run.window.samples_per_s(),
                "peak_memory_mb": max_over_ranks(peak_memory_mb(run.device), run.device, run.world),
                "world_size": run.world}
-    run.say(step_line(s.step, run.total, s.epoch + 1, {"lm": lm, "pos": pos, "neg": neg, "total": tot},
+    run.say(step_line(s.step, run.total, s.epoch + 1, {"lm": lm, "pos": pos, "neg": neg, "ce": ce, "total": tot},
                       metrics["lr"], metrics["samples_per_s"]))
     run.window = LossWindow()
     return metrics

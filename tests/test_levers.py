@@ -1,0 +1,272 @@
+"""The quality levers of method.md section 6, each a config switch: what each one computes, and that
+every switch trains and evaluates both ways at toy size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deftrec.config.model import DeftRecConfig
+from deftrec.config.pipeline import load_deftrec_config
+from deftrec.data.samples import ItemCatalog, Ragged, build_training_samples, sample_options
+from deftrec.model.deftrec import DeftRec, DeftRecTask
+from deftrec.model.diffusion import DiffusionConfig, DiffusionHead
+from deftrec.retrieval.recommender import DeftRecRecommender
+
+torch.set_num_threads(1)
+
+TINY = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yaml"
+N_ITEMS, D_C = 30, 16
+HISTORIES = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [2, 12, 13, 2]]
+TARGETS = [4, 16, 17, 18]
+USERS = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def build(cache):
+    catalog = ItemCatalog(np.array([str(i) for i in range(N_ITEMS)], dtype=object),
+                          np.array([f"Song {i}" for i in range(N_ITEMS)], dtype=object),
+                          np.array(["Jazz"] * N_ITEMS, dtype=object))
+    E = np.random.default_rng(0).normal(scale=0.2, size=(N_ITEMS, D_C)).astype(np.float32)
+
+    def _build(*overrides: str) -> DeftRec:
+        cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", f"collab.dim={D_C}", "prompt.max_history=8",
+                                         *overrides])
+        torch.manual_seed(0)
+        return DeftRec.from_config(cfg, E, None, catalog)
+
+    return _build
+
+
+def _head(**kw) -> DiffusionHead:
+    torch.manual_seed(0)
+    return DiffusionHead(DiffusionConfig(T=50, hidden=32, time_dim=16, d_c=6, cond_dim=4, dropout=0.0, **kw))
+
+
+# --------------------------------------------------------------------------------------------- diffusion
+
+
+def test_x0_prediction_targets_x0_and_samples_its_output():
+    """prediction=x0: the loss compares the output with x0, and a one-step DDIM sample from t = T-1
+    returns the denoiser's output itself (no 1/sqrt(abar) amplification)."""
+    head = _head(prediction="x0", lambda_neg=0.0)
+    x0, cond = torch.randn(5, 6), torch.randn(5, 4)
+    g = torch.Generator().manual_seed(3)
+    out = head.loss(x0, cond, None, generator=g, reduction="none")
+    # replay the draws: t, then eps
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 50, (5,), generator=g)
+    eps = torch.randn(5, 6, generator=g)
+    pred = head.denoiser(head.schedule.q_sample(x0, t, eps), cond, t)
+    torch.testing.assert_close(out["pos"], (pred - x0).pow(2).mean(1))
+    torch.testing.assert_close(out["x0_hat"], pred)
+    x_T = torch.randn(5, 6)
+    one = head.sample(cond, sampler="ddim", steps=1, x_T=x_T)
+    direct = head.denoiser(x_T, cond, torch.full((5,), 49, dtype=torch.long))
+    torch.testing.assert_close(one, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_no_diffusion_ablation_never_sees_the_target():
+    """noise=false: the output depends on the condition only (x_t = 0, t = T-1), in training and at
+    inference, so it cannot copy x0."""
+    head = _head(prediction="x0", noise=False, lambda_neg=0.0)
+    cond = torch.randn(3, 4)
+    a = head.loss(torch.randn(3, 6), cond, None)["x0_hat"]
+    b = head.loss(torch.randn(3, 6), cond, None)["x0_hat"]
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(head.direct_x0(cond), a)
+    with pytest.raises(ValueError, match="prediction=x0"):
+        DiffusionConfig(noise=False, prediction="eps")
+
+
+def test_eps_prediction_x0_hat_inverts_the_forward_process():
+    head = _head(prediction="eps", lambda_neg=0.0)
+    x0, cond = torch.randn(4, 6), torch.randn(4, 4)
+    g = torch.Generator().manual_seed(1)
+    out = head.loss(x0, cond, None, generator=g)
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 50, (4,), generator=g)
+    eps = torch.randn(4, 6, generator=g)
+    x_t = head.schedule.q_sample(x0, t, eps)
+    torch.testing.assert_close(out["x0_hat"], head.schedule.predict_x0(x_t, t, head.denoiser(x_t, cond, t)))
+
+
+def test_neg_scale_sum_multiplies_the_margin_by_d_c():
+    x0, cond, neg = torch.randn(8, 6), torch.randn(8, 4), torch.randn(8, 6)
+    res = {}
+    for scale in ("mean", "sum"):
+        head = _head(neg_scale=scale, lambda_neg=1.0)
+        res[scale] = head.loss(x0, cond, neg, generator=torch.Generator().manual_seed(5), reduction="none")
+    torch.testing.assert_close(res["mean"]["pos"], res["sum"]["pos"])
+    margin = torch.log(torch.expm1(res["mean"]["neg"]))  # softplus^-1: e_pos - e_neg on the mean scale
+    torch.testing.assert_close(torch.nn.functional.softplus(6 * margin), res["sum"]["neg"], rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- samples
+
+
+@pytest.mark.parametrize("window,min_history", [(3, 1), (4, 2), (1, 1)])
+def test_windows_predict_every_position_exactly_once(window, min_history):
+    rng = np.random.default_rng(window)
+    seqs = Ragged.from_lists([list(rng.integers(0, 50, size=n)) for n in (1, 2, 3, 7, 12, 20)])
+    users = np.arange(len(seqs))
+    s = build_training_samples(seqs, users, min_history, None, window, stride=window)
+    covered = {}
+    for u, h_start, h_stop in zip(s.users, s.histories.starts, s.histories.stops):
+        start = seqs.starts[u]
+        # positions j of the window predict t[j + 1] (the window's last item predicts the target)
+        for p in range(h_start, h_stop):
+            covered[(u, p + 1 - start)] = covered.get((u, p + 1 - start), 0) + 1
+    assert all(c == 1 for c in covered.values())
+    for u, n in enumerate(seqs.lengths):
+        wanted = {(u, j) for j in range(min_history, n)}
+        assert wanted <= set(covered), (u, wanted - set(covered))
+
+
+def test_sample_options_follow_the_positions_switch():
+    last = DeftRecConfig()
+    assert sample_options(last)["stride"] == 1
+    cfg = load_deftrec_config(TINY, ["condition=item_states", "train.positions=all", "prompt.max_history=7"])
+    assert sample_options(cfg) == {"min_history": cfg.train.min_history,
+                                   "max_samples_per_user": cfg.train.max_samples_per_user,
+                                   "max_history": 7, "stride": 7}
+    with pytest.raises(ValueError, match="item_states"):
+        load_deftrec_config(TINY, ["condition=prompt_state", "train.positions=all"])
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def test_item_states_are_causal_and_next_items_follow_the_window(build):
+    """The state after history item j ignores everything after it; the last one is the condition."""
+    m = build("condition=item_states").eval()
+    batch = m.make_batch(HISTORIES, TARGETS, USERS)
+    _, hidden = m.encode(batch)
+    states = m.item_states(batch, hidden)
+    assert states.shape == (sum(map(len, HISTORIES)), m.cfg.d_llm)
+    changed = [h[:] for h in HISTORIES]
+    changed[1][4] = 29  # after item 3 of user 1: items 0..3 keep their states
+    other = m.make_batch(changed, TARGETS, USERS)
+    _, hidden2 = m.encode(other)
+    states2 = m.item_states(other, hidden2)
+    first = len(HISTORIES[0])
+    torch.testing.assert_close(states[first:first + 4], states2[first:first + 4])
+    assert not torch.allclose(states[first + 4], states2[first + 4])
+    # the condition of a sample = the state after its newest item
+    last = np.cumsum([len(h) for h in HISTORIES]) - 1
+    torch.testing.assert_close(m.condition(batch, None, hidden), states[last])
+    nxt = DeftRecTask.next_items(batch)
+    expected = sum(([*h[1:], t] for h, t in zip(HISTORIES, TARGETS)), [])
+    assert nxt.tolist() == expected
+
+
+def test_item_states_recommender_matches_the_training_condition(build):
+    """Inference (left-padded prompt) reads the same state as training (right-padded + response)."""
+    m = build("condition=item_states").eval()
+    rec = DeftRecRecommender(m)
+    cond, _ = rec.conditions(HISTORIES, users=USERS)
+    batch = m.make_batch(HISTORIES, TARGETS, USERS)
+    torch.testing.assert_close(cond, m.condition(batch), rtol=1e-4, atol=1e-4)
+
+
+def test_trainable_item_space_is_trained_and_is_what_retrieval_ranks(build):
+    m = build("item_space=trainable", "diffusion.lambda_ce=1.0", "diffusion.x0_norm=std")
+    W = m.item_keys.weight
+    torch.testing.assert_close(m.retrieval_keys, m.item_emb)  # initialised from E
+    parts = DeftRecTask(m)(m.make_batch(HISTORIES, TARGETS, USERS), generator=torch.Generator().manual_seed(0))
+    assert parts["ce"] > 0
+    parts["total"].backward()
+    assert W.grad is not None and W.grad.abs().sum() > 0
+    with torch.no_grad():
+        W.add_(torch.randn_like(W))
+    rec = DeftRecRecommender(m)
+    torch.testing.assert_close(rec.exact.E, W.detach() / m.x0_scale)
+    fixed = build("item_space=fixed")
+    assert fixed.item_keys is None and fixed.retrieval_keys is fixed.item_emb
+
+
+def test_catalog_ce_is_softmax_cross_entropy_of_the_scores(build):
+    m = build("item_space=trainable", "diffusion.lambda_ce=1.0", "diffusion.ce_temperature=0.5", "eval.score=ip")
+    task = DeftRecTask(m)
+    q, table = torch.randn(3, D_C), torch.randn(N_ITEMS, D_C)
+    targets = torch.tensor([1, 5, 7])
+    logp = torch.log_softmax(q @ table.T / 0.5, dim=1)
+    torch.testing.assert_close(task.catalog_ce(q, table, targets), -logp[torch.arange(3), targets].mean())
+    m2 = build("diffusion.lambda_ce=1.0", "eval.score=l2")
+    d2 = -torch.cdist(q, table).pow(2)
+    logp2 = torch.log_softmax(d2, dim=1)
+    torch.testing.assert_close(DeftRecTask(m2).catalog_ce(q, table, targets), -logp2[torch.arange(3), targets].mean(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_truncated_llm_keeps_its_first_layers(cache):
+    from deftrec.config.components import LLMConfig
+    from deftrec.model.llm import load_llm
+
+    full, _ = load_llm(LLMConfig(name_or_path="tiny", cache_dir=cache, tiny_layers=3))
+    cut, _ = load_llm(LLMConfig(name_or_path="tiny", cache_dir=cache, tiny_layers=3, num_layers=2))
+    assert len(cut.get_decoder().layers) == 2 and cut.config.num_hidden_layers == 2
+    for a, b in zip(full.get_decoder().layers[:2].parameters(), cut.get_decoder().layers.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="only 3 layers"):
+        load_llm(LLMConfig(name_or_path="tiny", cache_dir=cache, tiny_layers=3, num_layers=4))
+
+
+# --------------------------------------------------------------------------------------------- switches
+
+LEVERS = {
+    "diffusion": ("diffusion.noise=true", "diffusion.noise=false"),
+    "prediction": ("diffusion.prediction=x0", "diffusion.prediction=eps"),
+    "neg_scale": ("diffusion.neg_scale=sum", "diffusion.neg_scale=mean"),
+    "catalog_ce": ("diffusion.lambda_ce=1.0", "diffusion.lambda_ce=0.0"),
+    "item_space": ("item_space=trainable", "item_space=fixed"),
+    "positions": ("train.positions=all", "condition=item_states train.positions=last"),
+    "x0_norm": ("diffusion.x0_norm=std", "diffusion.x0_norm=none"),
+}
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory, ray_session):
+    from deftrec.config.data import PreprocessConfig, SynthConfig
+    from deftrec.data.preprocess import run_preprocess
+    from deftrec.data.samples import load_dataset
+    from deftrec.data.synth import generate
+
+    root = tmp_path_factory.mktemp("levers")
+    generate(SynthConfig(users=80, items=60, mean_length=10, seed=3), root / "synth", log=lambda s: None)
+    run_preprocess(PreprocessConfig(input=[str(root / "synth" / "interactions.csv")],
+                                    items=str(root / "synth" / "items.csv"), format="csv",
+                                    output=str(root / "data")), log=lambda s: None)
+    return load_dataset(root / "data")
+
+
+@pytest.mark.parametrize("lever", sorted(LEVERS))
+@pytest.mark.parametrize("on", [True, False], ids=["on", "off"])
+def test_each_lever_trains_and_evaluates_both_ways(lever, on, toy_data, cache):
+    from deftrec.training.local import train_local
+    from deftrec.training.validation import evaluate
+
+    setting = LEVERS[lever][0 if on else 1].split()
+    cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "collab.dim=8", "train.max_steps=6",
+                                     "train.warmup_steps=1", "train.valid_users=20", "train.batch_size=8",
+                                     "train.log_every=3", *setting])
+    rng = np.random.default_rng(0)
+    collab = (rng.normal(size=(toy_data.n_users, 8)).astype(np.float32),
+              rng.normal(size=(toy_data.n_items, 8)).astype(np.float32))
+    model, history = train_local(cfg, toy_data, collab=collab, log=None)
+    for s in setting:
+        key, value = s.split("=")
+        section, _, field = key.rpartition(".")
+        obj = getattr(model.cfg, section) if section else model.cfg
+        assert str(getattr(obj, field)).lower() == value.lower()
+    assert all(np.isfinite(r["total"]) for r in history["train"])
+    m = evaluate(model, toy_data.test.subset(np.arange(30)))["history_excluded"]
+    assert 0.0 <= m["ndcg@10"] <= 1.0 and np.isfinite(m["ndcg@10"])
