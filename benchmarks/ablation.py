@@ -81,10 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     test = data.test.sample(a.users or None, a.seed)
     base_cfg = load_deftrec_config(preset, a.set)
     t0 = time.perf_counter()
+    art = None
     if run_dir is not None and (run_dir / "collab" / "manifest.json").is_file():
         from deftrec.artifacts.collab import load_collab
 
         art = load_collab(run_dir / "collab")
+        if art.item_emb.shape[1] != base_cfg.d_c:  # another preset's LightGCN: fit this one's
+            art = None
+    if art is not None:
         collab = (art.user_emb, art.item_emb)
     else:
         U, E, _ = fit_collab(base_cfg, data, log=lambda s: print(s, flush=True))

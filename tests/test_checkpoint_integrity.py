@@ -27,6 +27,7 @@ from deftrec.training.checkpoint import (
 )
 
 FP = "0123456789abcdef"
+INPUTS = {"data": "d0d0d0d0d0d0d0d0", "collab": "c0c0c0c0c0c0c0c0"}
 
 
 class _Payload:
@@ -49,7 +50,8 @@ def _write_rank(directory: Path, rank: int, marker: Path, world: int) -> None:
         from safetensors.torch import save_file
 
         save_file({"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}, str(directory / WEIGHTS_FILE))
-        (directory / STATE_FILE).write_text(json.dumps(TrainerState(step=4, fingerprint=FP, world_size=world).to_json()))
+        (directory / STATE_FILE).write_text(json.dumps(TrainerState(step=4, fingerprint=FP, inputs=INPUTS,
+                                                                   world_size=world).to_json()))
         (directory / DS_DIR / "latest").write_text(DS_TAG)
     record_checksums(directory, rank)
 
@@ -76,7 +78,7 @@ def _state_file(ckpt_dir: Path, rank: int = 0) -> Path:
 def test_intact_checkpoint_verifies_and_reads_without_unpickling(ckpt):
     d, marker = ckpt
     assert sorted(p.name for p in (d / CHECKSUM_DIR).iterdir()) == ["rank-00000.json", "rank-00001.json"]
-    state, weights = read_checkpoint(d, FP)
+    state, weights = read_checkpoint(d, FP, INPUTS)
     assert state.step == 4 and state.world_size == 2
     assert torch.equal(weights["w"], torch.arange(12, dtype=torch.float32).reshape(3, 4))
     assert not marker.exists()
@@ -106,7 +108,7 @@ def test_tampered_checkpoint_is_refused_by_name_before_loading(ckpt, tamper, cul
     d, marker = ckpt
     tamper(d)
     with pytest.raises(CheckpointIntegrityError, match=match) as e:
-        read_checkpoint(d, FP)
+        read_checkpoint(d, FP, INPUTS)
     assert str(culprit(d)) in str(e.value)
     assert not marker.exists()
 
@@ -126,5 +128,30 @@ def test_missing_or_incomplete_checksum_lists_are_refused(ckpt):
     for f in (d / CHECKSUM_DIR).iterdir():
         f.unlink()
     with pytest.raises(CheckpointIntegrityError, match="no recorded checksums|has no recorded"):
-        read_checkpoint(d, FP)
+        read_checkpoint(d, FP, INPUTS)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("changed", [["data"], ["collab"], ["data", "collab"]])
+def test_checkpoint_of_other_data_or_collab_is_refused_naming_what_changed(ckpt, changed):
+    d, marker = ckpt
+    now = {k: ("f" * 16 if k in changed else v) for k, v in INPUTS.items()}
+    with pytest.raises(ValueError, match="trained on other input artifacts") as e:
+        read_checkpoint(d, FP, now)
+    msg = str(e.value)
+    for k in ("data", "collab"):
+        assert (f"{k} (artifact {INPUTS[k]} then, {'f' * 16} now)" in msg) == (k in changed), msg
+    assert str(d) in msg and "--name" in msg
+    with pytest.raises(ValueError, match="different configuration"):  # the config is checked first
+        read_checkpoint(d, "fedcba9876543210", now)
+    assert not marker.exists()
+
+
+def test_state_without_recorded_inputs_is_never_taken_for_this_run():
+    from deftrec.training.checkpoint import check_run_identity
+
+    old = TrainerState.from_json({"step": 3, "fingerprint": FP})  # trainer_state.json of an older version
+    assert old.inputs == {}
+    with pytest.raises(ValueError, match="does not record which data and collab"):
+        check_run_identity(old, FP, INPUTS, "runs/old")
+    check_run_identity(TrainerState(fingerprint=FP, inputs=dict(INPUTS)), FP, INPUTS, "runs/same")  # no error

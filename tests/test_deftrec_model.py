@@ -52,7 +52,7 @@ def item_emb() -> np.ndarray:
 def build(cache, catalog, item_emb):
     def _build(*overrides: str, user_emb=None) -> DeftRec:
         cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", f"collab.dim={D_C}", "eval.steps=5",
-                                         "eval.max_gen_tokens=6", *overrides])
+                                         "eval.max_gen_tokens=6", "prompt.max_title_chars=12", *overrides])
         torch.manual_seed(0)
         return DeftRec.from_config(cfg, item_emb, user_emb, catalog)
 
@@ -311,12 +311,14 @@ def test_train_step_groups_and_overfits_one_batch(build):
 # --------------------------------------------------------------------------------------------- learning
 
 
-def test_learns_beyond_popularity(ray_session, tmp_path, cache):
-    """Short in-process training on a synthetic log beats popularity by 2x on test HR@10.
+def test_learns_beyond_popularity_and_ease(ray_session, tmp_path, cache):
+    """In-process training of the tiny preset on a synthetic log beats popularity (2x) and EASE on
+    test NDCG@10: full catalog, the whole history excluded, the same test users for every model.
 
-    Protocol: full catalog, history excluded, the same test users for both models.
+    (The last-item Markov chain, the generator's own structure, still wins here: see the quality
+    issue's closing note for the measured gap.)
     """
-    from deftrec.batch.baselines import Popularity, run_baselines
+    from deftrec.batch.baselines import EASE, Popularity, run_baselines
     from deftrec.config.data import PreprocessConfig, SynthConfig
     from deftrec.data.preprocess import run_preprocess
     from deftrec.data.samples import load_dataset
@@ -329,15 +331,18 @@ def test_learns_beyond_popularity(ray_session, tmp_path, cache):
                                     items=str(tmp_path / "synth" / "items.csv"), format="csv",
                                     output=str(tmp_path / "data")), log=lambda s: None)
     data = load_dataset(tmp_path / "data")
-    cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}"])
+    cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "train.max_steps=500", "train.valid_users=300",
+                                     "train.validate_every=100"])
     model, history = train_local(cfg, data, out_dir=tmp_path / "run", log=None)
     test = data.test
     ours = evaluate(model, test)["history_excluded"]
-    pop = run_baselines(data.sequences_before("test"), list(test.histories), test.targets, data.n_items,
-                        models={"popularity": Popularity()})["popularity"]["history_excluded"]
-    assert ours["hr@10"] >= 2 * pop["hr@10"], (ours, pop)
+    base = run_baselines(data.sequences_before("test"), list(test.exclusions), test.targets, data.n_items,
+                         models={"popularity": Popularity(), "ease": EASE()})
+    pop, ease = (base[name]["history_excluded"] for name in ("popularity", "ease"))
+    assert ours["ndcg@10"] >= 2 * pop["ndcg@10"], (ours, pop)
+    assert ours["ndcg@10"] > ease["ndcg@10"], (ours, ease)
     # bookkeeping of the run
     assert history["best"] is not None and history["valid"] and history["train"]
     assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "history.json").is_file()
     state = torch.load(tmp_path / "run" / "checkpoint.pt")
-    assert torch.equal(state["model"]["item_emb"], model.item_emb.cpu())
+    assert torch.equal(state["model"]["item_keys.weight"], model.item_keys.weight.detach().cpu())

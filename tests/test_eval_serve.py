@@ -66,8 +66,9 @@ def test_index_job_keys_manifest_and_idempotence(run):
     assert m["factory"] == "Flat" and m["items"] == model.n_items and m["dim"] == model.item_emb.shape[1]
     assert m["recall@10"] == 1.0 and m["search_params"] == {}
     keys = pq.read_table(run / "index" / "item_keys.parquet").sort_by("item")
+    # the keys are what the model retrieves against: LightGCN's E, or the trained W (item_space)
     np.testing.assert_array_equal(np.stack(keys.column("key").to_numpy(zero_copy_only=False)),
-                                  model.item_emb.numpy())
+                                  model.retrieval_keys.detach().numpy())
     before = (run / "index" / "items.faiss").stat().st_mtime_ns
     assert run_index_job(run, IndexConfig(), log=lambda s: None)["fingerprint"] == m["fingerprint"]
     assert (run / "index" / "items.faiss").stat().st_mtime_ns == before  # nothing rebuilt

@@ -4,13 +4,16 @@ Three classes, as in torchrec's retrieval example (the first two here):
 
 - :class:`DeftRec` (``nn.Module``) holds the LLM (with its text tokenizer and placeholder ids), the
   item (and optional user) continuous tokenizer, the diffusion head, and the LightGCN matrices E
-  (and U) as buffers: E is both the diffusion target space and the retrieval space. It builds
-  batches from item ids, splices continuous tokens into the LLM input and pools the condition.
+  (and U) as buffers. The item space (``item_space``) is E itself (``fixed``) or a trainable W
+  initialised from it (:class:`ItemKeys`); it is the tokenizer's input, the diffusion target space
+  and the retrieval space. It builds batches from item ids, splices continuous tokens into the LLM
+  input and pools the condition.
 - :class:`DeftRecTask` (``nn.Module`` wrapping the model, so DDP can wrap the task) computes
 
-      L = lambda_lm * L_lm + L_pos + lambda_neg * L_neg
+      L = lambda_lm * L_lm + L_pos + lambda_neg * L_neg + lambda_ce * L_ce
 
-  and returns the parts.
+  (L_ce: full-catalog cross-entropy of the x0 estimate's scores) over the last position of every
+  sample (``train.positions: last``) or every history position (``all``), and returns the parts.
 - :class:`~deftrec.retrieval.recommender.DeftRecRecommender` (inference): prompts with continuous
   tokens -> greedy reasoning (only when the condition needs it or an explanation is asked for) ->
   condition -> reverse diffusion -> scores against E -> top-K, all batched.
@@ -20,7 +23,9 @@ Conditions (``cfg.condition``), with h the LLM's last hidden states and r the re
 - ``prompt_state``: c = h[last prompt position]; causal attention means the response (and so the
   target) cannot leak into it, and no text is generated at inference;
 - ``response_embeddings``: c = mean_{j in r} emb(token_j) (the authors' choice);
-- ``hidden_states``: c = mean_{j in r} h_j.
+- ``hidden_states``: c = mean_{j in r} h_j;
+- ``item_states``: c = h at the newest history item's last continuous token (and, for all-position
+  training, at every history item's: the condition of the prefix ending there).
 
 Retrieval space. With ``diffusion.x0_norm = "std"`` the diffusion works on E / std(E) (a global
 scalar, see :class:`~deftrec.config.components.DiffusionConfig`); scores are reported in the original space:
@@ -35,7 +40,6 @@ batch, and a fixed seed gives identical output.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +51,7 @@ from torch import Tensor, nn
 from deftrec.config.model import DeftRecConfig
 from deftrec.data.samples import ItemCatalog
 from deftrec.model.diffusion import DiffusionHead
+from deftrec.model.keyed_noise import keyed_normal
 from deftrec.model.prompts import (
     IGNORE_INDEX,
     build_generation_batch,
@@ -63,44 +68,6 @@ if TYPE_CHECKING:
 __all__ = ["DeftRec", "DeftRecTask", "ItemKeys", "keyed_normal"]
 
 Histories = Sequence[Any]  # one int array / list of item ids per user
-
-
-# --------------------------------------------------------------------------------------------- keyed noise
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32) without int64 overflow (16-bit halves)."""
-    lo, hi = x & 0xFFFF, x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
-
-
-def _hash32(x: Tensor) -> Tensor:
-    """lowbias32 integer hash (Wellons): a bijection of [0, 2^32) with good avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def keyed_normal(seed: int, keys: Tensor, stream: int, dim: int, device: torch.device | str = "cpu") -> Tensor:
-    """N(0, 1) draws [len(keys), dim] that depend only on (seed, key, stream, column).
-
-    Counter-based: each entry hashes (seed, key, stream, 2j) and (..., 2j + 1) to two uniforms
-    u1, u2 in (0, 1) and applies Box-Muller, z = sqrt(-2 ln u1) cos(2 pi u2). Vectorised, and the
-    row of a key is the same whatever else is in the batch.
-    """
-    keys = torch.as_tensor(keys, dtype=torch.int64, device=device).reshape(-1, 1)
-    h = _hash32(torch.full_like(keys, int(seed) & _M32))
-    h = _hash32(h ^ (keys & _M32))
-    h = _hash32(h ^ ((keys >> 32) & _M32))
-    h = _hash32(h ^ (int(stream) & _M32))
-    cols = torch.arange(2 * dim, dtype=torch.int64, device=keys.device).reshape(1, -1)
-    u = (_hash32(h ^ _hash32(cols)).double() + 0.5) / 2.0**32
-    u1, u2 = u[:, 0::2], u[:, 1::2]
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).float()
 
 
 # --------------------------------------------------------------------------------------------- model

@@ -5,9 +5,13 @@
     serve deploy cluster/serve_config.yaml                 # production
 
 Routes: ``POST /recommend``, ``GET /items/{item_id}``, ``GET /healthz``, ``GET /openapi.json``
-(docs at ``/docs``). The recommender runs generation/sampling once per ``@serve.batch`` batch; a
-new model or index version is swapped in through ``user_config`` -> ``reconfigure`` after it has
-loaded and passed a warm-up, so requests in flight finish on the old version and none fail.
+(docs at ``/docs``). The recommender runs generation/sampling once per ``@serve.batch`` batch.
+A served version is one validated unit of model, index and catalog
+(:class:`~deftrec.serve.version.ServedVersion`): a new one is named by ``user_config``
+(``model_dir``, ``index_dir``, ``data_dir``) -> ``reconfigure``, refused with the reason when its
+parts do not belong together, and swapped in whole after it has loaded and passed a warm-up, so
+requests in flight finish on the old version and none fail. The recommender resolves the ids of
+a request and describes the answer with the version of its batch; the ingress holds no catalog.
 
 Back-pressure: every deployment bounds its queue (``max_queued_requests`` at each caller, on top
 of ``max_ongoing_requests`` per replica) and the ingress waits at most ``request_timeout_s`` for
@@ -16,7 +20,7 @@ without bound.
 
 Two topologies share this code:
 
-* ``split`` (default): an ``Ingress`` deployment (HTTP, validation, catalog; CPU) calls a
+* ``split`` (default): an ``Ingress`` deployment (HTTP, validation; CPU) calls a
   ``Recommender`` deployment (model + index; GPU on clusters) by handle. Each scales on its own.
 * ``fused``: the ``Ingress`` replica holds the batching recommender itself. One hop fewer per
   request, which matters most on a small CPU host (``benchmarks/serve_load.py`` measures both).
@@ -33,13 +37,8 @@ from fastapi import FastAPI, HTTPException, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from deftrec.serve.engine import (
-    Query,
-    RecommenderEngine,
-    ServingCatalog,
-    UnknownId,
-    history_key,
-)
+from deftrec.serve.engine import Query, UnknownId
+from deftrec.serve.version import ServedVersion, version_identity
 from deftrec.serve.schemas import (
     Health,
     Item,
@@ -65,57 +64,92 @@ TOPOLOGIES = ("split", "fused")
 
 
 class BatchedRecommender:
-    """Holds one engine (model + index). Batches concurrent requests; swaps versions in reconfigure.
+    """Holds one :class:`~deftrec.serve.version.ServedVersion` (model + index + catalog). Batches
+    concurrent requests; swaps versions in reconfigure.
 
     The body of the ``Recommender`` deployment (split topology), or held in-process by the
-    ingress (fused topology).
+    ingress (fused topology). ``wait_for_config``: load nothing until the first ``reconfigure``
+    (Serve calls it right after construction when the deployment has a ``user_config``), so a
+    replica never loads ``run_dir``'s version only to replace it; otherwise load ``run_dir``'s.
     """
 
     def __init__(self, run_dir: str, loader: Optional[Callable] = None, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.01, ddim_steps: Optional[int] = None):
+                 batch_wait_timeout_s: float = 0.01, ddim_steps: Optional[int] = None,
+                 max_history: Optional[int] = None, wait_for_config: bool = False):
         self.run_dir = Path(run_dir)
         self.loader = loader
         self.ddim_steps = ddim_steps
-        self.engine: Optional[RecommenderEngine] = None
-        self.dirs: tuple[str, str, Optional[int]] | None = None
+        self.max_history = max_history
+        self.current: Optional[ServedVersion] = None
         self.recommend_batch.set_max_batch_size(max_batch_size)
         self.recommend_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self._load(str(self.run_dir / "model"), str(self.run_dir / "index"))
-
-    def _load(self, model_dir: str, index_dir: str) -> None:
-        engine = RecommenderEngine(model_dir, index_dir, loader=self.loader, ddim_steps=self.ddim_steps)
-        engine.check()  # warm-up: the first real request should not pay for lazy initialisation
-        # one assignment: batches in flight keep the engine they started with
-        self.engine, self.dirs = engine, (model_dir, index_dir, self.ddim_steps)
+        if not wait_for_config:
+            self.reconfigure({})
 
     def reconfigure(self, user_config: dict) -> None:
-        """user_config: {"model_dir", "index_dir", "ddim_steps"}; a change loads, warms up, then swaps."""
-        model_dir = str(user_config.get("model_dir") or self.run_dir / "model")
-        index_dir = str(user_config.get("index_dir") or self.run_dir / "index")
-        if "ddim_steps" in user_config:
-            self.ddim_steps = user_config["ddim_steps"]
-        if (model_dir, index_dir, self.ddim_steps) != self.dirs:
-            self._load(model_dir, index_dir)
+        """user_config: {"model_dir", "index_dir", "data_dir", "ddim_steps"} (each defaults to the run
+        directory's). A version whose contents differ from the served one is loaded, validated as
+        one unit (:func:`~deftrec.serve.version.check_version_parts`: raises, and the old version
+        keeps serving, when its parts do not belong together), warmed up, then swapped in."""
+        dirs = [str(user_config.get(f"{k}_dir") or self.run_dir / k) for k in ("model", "index", "data")]
+        ddim_steps = user_config["ddim_steps"] if "ddim_steps" in user_config else self.ddim_steps
+        if self.current is not None and version_identity(*dirs, ddim_steps) == self.current.identity:
+            return
+        version = ServedVersion(*dirs, loader=self.loader, ddim_steps=ddim_steps, max_history=self.max_history)
+        version.check()  # warm-up: the first real request should not pay for lazy initialisation
+        # one assignment: batches in flight keep the version they started with
+        self.current, self.ddim_steps = version, ddim_steps
 
     def check_health(self) -> None:
-        if self.engine is None:
+        if self.current is None:
             raise RuntimeError("no model loaded")
-        self.engine.check()
+        self.current.check()
 
     def versions(self) -> dict:
-        return {"model_version": self.engine.model_version, "index_version": self.engine.index_version}
+        return self.current.versions
+
+    def item(self, item_id: str) -> dict:
+        """The served catalog's entry for ``item_id``, or ``{"status": 404, "detail"}``."""
+        cat = self.current.catalog
+        try:
+            return cat.describe(int(cat.items([item_id])[0]))
+        except UnknownId as e:
+            return {"status": 404, "detail": str(e)}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def recommend_batch(self, queries: list[Query]) -> list[dict]:
-        engine = self.engine  # pin this batch to one version
-        results, timings = await asyncio.get_running_loop().run_in_executor(None, engine.recommend, queries)
-        for r in results:
-            r.update(timings_ms=dict(timings), model_version=engine.model_version,
-                     index_version=engine.index_version)
-        return results
+    async def recommend_batch(self, requests: list[RecommendRequest]) -> list[dict]:
+        """Per request: the described answer, or ``{"status", "detail"}`` for one this version
+        cannot answer (404 unknown id, 422 an anonymous history to a user-token model); the others
+        in the batch are served. Ids, model, index and titles all come from one pinned version."""
+        v = self.current  # pin this batch to one version
+        queries: list[Optional[Query]] = []
+        errors: list[Optional[dict]] = []
+        for req in requests:
+            try:
+                q = v.query(req)
+            except UnknownId as e:
+                q, err = None, {"status": 404, "detail": str(e)}
+            else:
+                why = v.engine.refusal(q)
+                q, err = (None, {"status": 422, "detail": why}) if why is not None else (q, None)
+            queries.append(q)
+            errors.append(err)
+        todo = [q for q in queries if q is not None]
+        results, timings = ([], {}) if not todo else \
+            await asyncio.get_running_loop().run_in_executor(None, v.engine.recommend, todo)
+        served = iter(results)
+        out = []
+        for err in errors:
+            if err is not None:
+                out.append(err)
+                continue
+            r = next(served)
+            out.append({"items": v.describe(r["items"]), "reasoning": r["reasoning"], "timings_ms": dict(timings),
+                        "model_version": v.engine.model_version, "index_version": v.engine.index_version})
+        return out
 
-    async def recommend(self, query: Query) -> dict:
-        return await self.recommend_batch(query)
+    async def recommend(self, req: RecommendRequest) -> dict:
+        return await self.recommend_batch(req)
 
 
 @serve.deployment(name="Recommender", max_ongoing_requests=64, max_queued_requests=MAX_QUEUED_REQUESTS)
@@ -126,70 +160,65 @@ class Recommender(BatchedRecommender):
 @serve.deployment(name="Ingress", max_ongoing_requests=256, max_queued_requests=MAX_QUEUED_REQUESTS)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, recommender, run_dir: str, max_history: Optional[int] = None,
-                 local: Optional[dict] = None, request_timeout_s: float = REQUEST_TIMEOUT_S):
+    """HTTP only: validation, back-pressure, status codes. Ids are resolved and answers described
+    by the served version itself (the recommender), so a swap changes catalog, model and index at
+    once."""
+
+    def __init__(self, recommender, run_dir: str, local: Optional[dict] = None,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S):
         """``recommender``: the Recommender's handle (split), or None with ``local`` holding the
         BatchedRecommender's arguments (fused)."""
         self.recommender = recommender
         self.request_timeout_s = request_timeout_s
         self.local = BatchedRecommender(run_dir, **local) if recommender is None else None
-        self.catalog = ServingCatalog(Path(run_dir) / "data", max_history)
-        self.user_offset = len(self.catalog.user_index) + 1
 
     @api.post("/recommend", response_model=RecommendResponse, responses={
-        404: {"description": "unknown id"}, 503: {"description": "overloaded: retry after the Retry-After seconds"}})
+        404: {"description": "unknown id"},
+        422: {"description": "invalid request, or a history without user_id for a model with user tokens"},
+        503: {"description": "overloaded: retry after the Retry-After seconds"}})
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         t0 = time.perf_counter()
-        try:
-            user = self.catalog.user(req.user_id) if req.user_id is not None else None
-            # the prompt reads the newest max_history items; exclusion covers the whole history
-            if req.history is not None:
-                seen = self.catalog.items(req.history)
-            else:
-                seen = self.catalog.seen_items(user)
-            history = seen[-self.catalog.max_history:]
-        except UnknownId as e:
-            raise HTTPException(status_code=404, detail=str(e)) from None
-        k = min(req.k, self.catalog.n_items)
-        q = Query(history=history, key=user if user is not None else history_key(history, self.user_offset),
-                  user=user, k=k, exclude_history=req.exclude_history, explain=req.explain, exclude=seen)
-        res = await self._recommend_bounded(q)
+        res = await self._bounded(lambda: self.local.recommend(req), lambda: self.recommender.recommend.remote(req))
+        if "status" in res:  # decided by the version that took the batch (swaps included)
+            raise HTTPException(status_code=res["status"], detail=res["detail"])
         timings = res["timings_ms"]
         timings["total"] = (time.perf_counter() - t0) * 1e3
         body = RecommendResponse(
-            items=[ScoredItem(**self.catalog.describe(i), score=s) for i, s in res["items"]],
+            items=[ScoredItem(**x) for x in res["items"]],
             reasoning=res["reasoning"], model_version=res["model_version"], index_version=res["index_version"],
             timings_ms=timings)
         # Validated once above; a Response skips FastAPI's second validation + encoding pass.
         return Response(body.model_dump_json(), media_type="application/json")
 
-    async def _recommend_bounded(self, q: Query) -> dict:
-        """The recommendation of ``q``, or 503 when the recommender's queue is full or it takes
-        longer than ``request_timeout_s`` (the request is then cancelled)."""
-        remote = self.recommender.recommend.remote(q) if self.local is None else None
+    async def _bounded(self, local: Callable, remote: Callable) -> Any:
+        """The recommender's answer (``local()`` fused, ``remote()`` split), or 503 when its queue is
+        full or it takes longer than ``request_timeout_s`` (the request is then cancelled)."""
+        call = remote() if self.local is None else None
         try:
-            return await asyncio.wait_for(self.local.recommend(q) if remote is None else remote, self.request_timeout_s)
+            return await asyncio.wait_for(local() if call is None else call, self.request_timeout_s)
         except BackPressureError as e:
             raise HTTPException(status_code=503, detail=f"overloaded, try again later: {e.message}",
                                 headers={"Retry-After": "1"}) from None
         except asyncio.TimeoutError:
-            if remote is not None:
-                remote.cancel()
+            if call is not None:
+                call.cancel()
             raise HTTPException(status_code=503, headers={"Retry-After": "1"},
                                 detail=f"overloaded: no answer within {self.request_timeout_s:g} s") from None
 
     @api.get("/items/{item_id}", response_model=Item, responses={404: {"description": "unknown item"}})
     async def item(self, item_id: str) -> Item:
-        try:
-            idx = int(self.catalog.items([item_id])[0])
-        except UnknownId as e:
-            raise HTTPException(status_code=404, detail=str(e)) from None
-        return Item(**self.catalog.describe(idx))
+        async def here() -> dict:
+            return self.local.item(item_id)
+
+        res = await self._bounded(here, lambda: self.recommender.item.remote(item_id))
+        if "status" in res:
+            raise HTTPException(status_code=res["status"], detail=res["detail"])
+        return Item(**res)
 
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
         v = self.local.versions() if self.local is not None else await self.recommender.versions.remote()
-        return Health(status="ok", items=self.catalog.n_items, **v)
+        return Health(status="ok", **v)
 
     def reconfigure(self, user_config: dict) -> None:
         if self.local is None:
@@ -241,8 +270,10 @@ def build_app(run_dir: Optional[str] = None, loader: Optional[Callable] = None, 
         model_opts["num_replicas"] = num_replicas
     if user_config is not None:
         model_opts["user_config"] = user_config
+    # with a user_config a replica loads only its version (the flag stays the same when the
+    # user_config changes, so a new version is still swapped in place by reconfigure)
     batching = dict(loader=loader, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-                    ddim_steps=ddim_steps)
+                    ddim_steps=ddim_steps, wait_for_config=user_config is not None)
     if topology == "fused":
         model_opts["max_ongoing_requests"] = max_ongoing_requests or max(256, 2 * max_batch_size)
         return Ingress.options(**model_opts).bind(None, run_dir, local=batching, request_timeout_s=request_timeout_s)

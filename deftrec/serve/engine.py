@@ -31,6 +31,11 @@ class UnknownId(KeyError):
         return self.args[0]
 
 
+class NeedsKnownUser(ValueError):
+    """An anonymous request (a history, no user_id) to a model that conditions on user tokens
+    (``tokenizer.user_tokens``): there is no user embedding to condition on (HTTP 422)."""
+
+
 def _id_key(kind: str, value) -> str:
     """The catalog key of an id: strings and integers only. A boolean or a float is never an id
     (``True`` would otherwise match user ``"True"``, ``1.0`` item ``"1.0"``): it is unknown."""
@@ -137,15 +142,34 @@ class RecommenderEngine:
         self.model_version = self.version.model_version
         self.index_version = self.version.index_version
 
+    def refusal(self, query: Query) -> Optional[str]:
+        """Why this version cannot answer ``query`` (None when it can).
+
+        A model trained with user tokens conditions every query on a LightGCN user embedding; an
+        anonymous history has none, and no neutral one was trained, so it is refused rather than
+        answered as some stored user (the ingress answers 422 with this text).
+        """
+        if query.user is None and self.version.uses_user_tokens:
+            return (f"model {self.model_version} conditions on user tokens (tokenizer.user_tokens), so it cannot "
+                    "serve an anonymous history: send the user_id of a known user (a history may come with it)")
+        return None
+
     def recommend(self, queries: Sequence[Query]) -> tuple[list[dict], dict]:
-        """-> (per query {"items": [(idx, score)], "reasoning"}, stage timings in ms for the batch)."""
+        """-> (per query {"items": [(idx, score)], "reasoning"}, stage timings in ms for the batch).
+
+        Raises :class:`NeedsKnownUser` when a query is one this version refuses (:meth:`refusal`);
+        callers that batch unrelated requests drop those first."""
+        for q in queries:
+            if (why := self.refusal(q)) is not None:
+                raise NeedsKnownUser(why)
         with torch.inference_mode():  # a little less per-op bookkeeping than no_grad
             return self._recommend(queries)
 
     def _recommend(self, queries: Sequence[Query]) -> tuple[list[dict], dict]:
         v = self.version
         keys = np.array([q.key for q in queries], dtype=np.int64)
-        users = np.array([q.user if q.user is not None else 0 for q in queries], dtype=np.int64)
+        # read only with user tokens, and then every query has a user (refusal)
+        users = np.array([q.user if q.user is not None else -1 for q in queries], dtype=np.int64)
         qs = v.recommender.queries([q.history for q in queries], users=users if v.uses_user_tokens else None,
                                    keys=keys, explain=any(q.explain for q in queries))
         t0 = time.perf_counter()

@@ -1,8 +1,10 @@
 """deftrec.training.checkpoint: the training checkpoint (layout in :mod:`deftrec.training.driver`).
 
-What a run is (:func:`config_fingerprint`), what rank 0 records (:class:`TrainerState`), how a
-checkpoint directory is written (:func:`write_checkpoint`, collective) and read back
-(:func:`read_checkpoint`), and the consolidation of (ZeRO-3 partitioned) weights.
+What a run is (:func:`config_fingerprint` of its config plus :func:`run_inputs`, the identities
+of the data and collab artifacts it trains on; :func:`check_run_identity`), what rank 0 records
+(:class:`TrainerState`), how a checkpoint directory is written (:func:`write_checkpoint`,
+collective) and read back (:func:`read_checkpoint`), and the consolidation of (ZeRO-3
+partitioned) weights.
 
 Integrity: DeepSpeed's loader unpickles its state files (``torch.load(weights_only=False)``), so
 every rank records the sha256 of each file it wrote (``checksums/rank-NNNNN.json``, written last)
@@ -24,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deftrec.config.model import DeftRecConfig
-from deftrec.core.artifacts import ArtifactError, file_checksums, fingerprint, sha256_file, write_json_atomic
+from deftrec.core.artifacts import (
+    ArtifactError,
+    artifact_id,
+    file_checksums,
+    fingerprint,
+    sha256_file,
+    write_json_atomic,
+)
 from deftrec.core.config import to_dict
 
 if TYPE_CHECKING:
@@ -74,6 +83,42 @@ def config_fingerprint(cfg: DeftRecConfig) -> str:
     return fingerprint(d)
 
 
+#: The artifacts a training run reads, by the name :func:`run_inputs` and the messages use.
+RUN_INPUTS = ("data", "collab")
+
+
+def run_inputs(data_dir: str | Path, collab_dir: str | Path) -> dict[str, str]:
+    """Identities of the artifacts a training run trains on: ``{"data": ..., "collab": ...}``, each
+    the :func:`~deftrec.core.artifacts.artifact_id` (fingerprint of the manifest's output checksums)
+    of the preprocessed data and of the collaborative (LightGCN) embeddings. Raises ArtifactError
+    when either is missing or incomplete."""
+    return {"data": artifact_id(data_dir), "collab": artifact_id(collab_dir)}
+
+
+def check_run_identity(state: TrainerState, expected_fingerprint: str, expected_inputs: dict[str, str],
+                       where: str | Path) -> None:
+    """Raise ValueError unless the run that wrote ``state`` (at ``where``) has this configuration
+    and trained on these data and collab artifacts; the message names what changed.
+
+    A checkpoint that records no input identities (written before they were recorded) is refused
+    too: nothing tells whether it was trained on the same data.
+    """
+    if state.fingerprint != expected_fingerprint:
+        raise ValueError(f"{where} holds a run with a different configuration (fingerprint "
+                         f"{state.fingerprint} != {expected_fingerprint}): pass another run name (--name) "
+                         "or remove it")
+    if not state.inputs:
+        raise ValueError(f"{where} holds a run that does not record which data and collab artifacts it was "
+                         "trained on (written by an older version): it cannot be resumed or re-exported "
+                         "safely; pass another run name (--name) or remove it")
+    changed = [f"{k} (artifact {state.inputs.get(k)} then, {expected_inputs.get(k)} now)"
+               for k in RUN_INPUTS if state.inputs.get(k) != expected_inputs.get(k)]
+    if changed:
+        raise ValueError(f"{where} holds a run trained on other input artifacts; changed: {', '.join(changed)}. "
+                         "Resuming or re-exporting it would mix its weights with the new data/collab "
+                         "embeddings: pass another run name (--name) or remove it")
+
+
 @dataclass
 class TrainerState:
     """What rank 0 writes next to the DeepSpeed states (``trainer_state.json``)."""
@@ -87,7 +132,8 @@ class TrainerState:
     world_size: int = 1
     zero_stage: int = 2
     precision: str = "fp32"
-    fingerprint: str = ""
+    fingerprint: str = ""  # config_fingerprint of the run
+    inputs: dict[str, str] = field(default_factory=dict)  # run_inputs: the data and collab it trains on
     done: bool = False  # reached its step budget or stopped early (a larger budget continues it)
     stopped_early: bool = False  # patience ran out: never continued
     attempts: int = 1
@@ -110,19 +156,20 @@ def read_trainer_state(checkpoint_dir: str | Path) -> TrainerState:
     return TrainerState.from_json(json.loads(p.read_text()))
 
 
-def read_checkpoint(checkpoint_dir: Path, expected_fingerprint: str) -> tuple[TrainerState, dict[str, torch.Tensor]]:
-    """(trainer state, consolidated weights) of a training checkpoint of the run ``expected_fingerprint``.
+def read_checkpoint(checkpoint_dir: Path, expected_fingerprint: str,
+                    expected_inputs: dict[str, str]) -> tuple[TrainerState, dict[str, torch.Tensor]]:
+    """(trainer state, consolidated weights) of a training checkpoint of the run with config
+    fingerprint ``expected_fingerprint`` trained on ``expected_inputs`` (:func:`run_inputs`).
 
     Every file, the DeepSpeed states included, is first checked against the checksums recorded at
     save time (:func:`verify_checkpoint`), so ``engine.load_checkpoint`` afterwards unpickles only
     files this run wrote. Raises :class:`CheckpointIntegrityError` naming a file that does not
-    match, ValueError when the checkpoint was written with another configuration.
+    match, ValueError (:func:`check_run_identity`) when the checkpoint was written with another
+    configuration or on other data or collab artifacts.
     """
     verify_checkpoint(checkpoint_dir)
     old = read_trainer_state(checkpoint_dir)
-    if old.fingerprint != expected_fingerprint:
-        raise ValueError(f"checkpoint {checkpoint_dir} was written with a different configuration "
-                         f"(fingerprint {old.fingerprint} != {expected_fingerprint}); use another run name")
+    check_run_identity(old, expected_fingerprint, expected_inputs, f"checkpoint {checkpoint_dir}")
     from safetensors.torch import load_file
 
     return old, load_file(str(Path(checkpoint_dir) / WEIGHTS_FILE))

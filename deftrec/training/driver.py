@@ -36,6 +36,13 @@ on ``deepspeed/`` and ``checkpoint: {load_universal: true}``), which this job do
 Within an epoch, the data position is restored by skipping the number of batches already
 consumed (Ray Data's streaming split does not replay the exact same rows per rank). Re-running
 a finished run (same storage and name, same step budget) starts no worker and only re-exports.
+
+A run's identity is its config (:func:`~deftrec.training.checkpoint.config_fingerprint`) and the
+data and collab artifacts it trains on (:func:`~deftrec.training.checkpoint.run_inputs`), both
+recorded in every ``trainer_state.json``: an earlier run under the same storage/name with another
+config, other data (say another synth seed) or other LightGCN embeddings is neither resumed nor
+re-exported; the driver refuses before any work, naming what changed (and every worker checks
+the checkpoint it restores again).
 Ray's controller collects reports by polling the workers (every 2 s): a worker lost within that
 window after a report can lose that checkpoint, and the run resumes from the one before.
 
@@ -62,8 +69,10 @@ from deftrec.core.log import Log, writer
 from deftrec.training.checkpoint import (
     SCORE_KEY,
     TrainerState,
+    check_run_identity,
     config_fingerprint,
     read_trainer_state,
+    run_inputs,
 )
 from deftrec.training.dataset import build_train_dataset, plan_steps
 from deftrec.training.worker import _WorkerContext, train_loop_per_worker
@@ -88,13 +97,14 @@ def train_fingerprint(cfg: DeftRecConfig, dist: DistributedConfig, data_dir: str
     """The train stage's identity (``RUN_DIR/model``): the model and distributed configs and the
     data and collab artifacts it reads (:func:`deftrec.core.artifacts.stage_fingerprint`).
 
-    Not the run's resume identity: that is :func:`deftrec.training.checkpoint.config_fingerprint`.
+    Not the run's resume identity: that is :func:`deftrec.training.checkpoint.config_fingerprint`
+    (which leaves out run-length fields) together with the same input identities
+    (:func:`deftrec.training.checkpoint.run_inputs`).
     """
-    from deftrec.core.artifacts import artifact_id, stage_fingerprint
+    from deftrec.core.artifacts import stage_fingerprint
     from deftrec.core.config import to_dict
 
-    return stage_fingerprint({"model": to_dict(cfg), "distributed": to_dict(dist)},
-                             {"data": artifact_id(data_dir), "collab": artifact_id(collab_dir)})
+    return stage_fingerprint({"model": to_dict(cfg), "distributed": to_dict(dist)}, run_inputs(data_dir, collab_dir))
 
 
 def _storage(run_dir: Path, cfg_name: str, dist: DistributedConfig, suffix: str = "") -> tuple[str, str]:
@@ -144,7 +154,8 @@ def train_distributed(
 
     Raises:
         deftrec.core.artifacts.ArtifactError when the data or the collaborative embeddings are missing;
-        ValueError when an earlier run with the same storage/name used another configuration.
+        ValueError when an earlier run with the same storage/name used another configuration, other
+        data or other collab embeddings (the message names which).
     """
     import ray
     import ray.train
@@ -177,23 +188,22 @@ def train_distributed(
     valid = data.valid.sample(t.valid_users, t.seed)
     if len(valid) < dist.num_workers:
         raise ValueError(f"{len(valid)} validation users cannot be split over {dist.num_workers} workers")
-    fp = config_fingerprint(cfg)
+    fp, inputs = config_fingerprint(cfg), run_inputs(data_dir, collab_dir)
     storage, name = _storage(run_dir, run_name, dist)
     prev = _previous_run(storage, name)
-    if prev is not None and prev[1].fingerprint != fp:
-        raise ValueError(f"{storage}/{name} holds a run with a different configuration (fingerprint "
-                         f"{prev[1].fingerprint} != {fp}): pass another run name (--name) or remove it")
+    if prev is not None:  # neither resume nor re-export a run of another config, data or collab
+        check_run_identity(prev[1], fp, inputs, f"{storage}/{name}")
     _, total = plan_steps(n_samples, t, dist.num_workers, dist.debug_steps)
     if prev is not None and (prev[1].stopped_early or prev[1].step >= total or prev[1].epoch >= t.epochs):
         # Finished under this budget: nothing to train (no workers started), export its best checkpoint.
         say(f"[deftrec] {storage}/{name} already finished at step {prev[1].step}; nothing to train")
-        return _finish(prev[0], data.catalog, collab, run_dir, storage, name, export, say, stage_fp)
+        return _finish(prev[0], data.catalog, collab, run_dir, storage, name, export, say, (stage_fp, fp, inputs))
 
     ensure_ray()
     ds = build_train_dataset(data_dir, cfg, source=dist.samples, num_blocks=max(16, 4 * dist.num_workers))
     context = _WorkerContext(cfg=cfg, dist=dist, catalog=data.catalog, item_emb=collab.item_emb,
                              user_emb=collab.user_emb if cfg.tokenizer.user_tokens else None,
-                             valid=valid, n_samples=n_samples, fingerprint=fp)
+                             valid=valid, n_samples=n_samples, fingerprint=fp, inputs=inputs)
     ref = ray.put(context)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -215,13 +225,16 @@ def train_distributed(
     )
     say(f"[deftrec] training on {dist.num_workers} worker(s) (ZeRO-{dist.zero_stage}); checkpoints in {storage}/{name}")
     result = trainer.fit()
-    return _finish(result, data.catalog, collab, run_dir, storage, name, export, say, stage_fp)
+    return _finish(result, data.catalog, collab, run_dir, storage, name, export, say, (stage_fp, fp, inputs))
 
 
 def _finish(result: Any, catalog: ItemCatalog, collab: CollabArtifact, run_dir: Path, storage: str, name: str,
-            export: bool, say: Log, stage_fp: str) -> DistributedResult:
-    """Pick the best checkpoint (validation NDCG@10) of a Ray Train result and export it (its manifest
-    carries the train stage's fingerprint ``stage_fp``)."""
+            export: bool, say: Log, identity: tuple[str, str, dict[str, str]]) -> DistributedResult:
+    """Pick the best checkpoint (validation NDCG@10) of a Ray Train result and export it.
+
+    ``identity``: (train stage fingerprint for the manifest, config fingerprint, run inputs); the
+    checkpoint must belong to that config and those inputs (:func:`check_run_identity`)."""
+    stage_fp, fp, inputs = identity
     latest = result.checkpoint
     best = None
     if result.best_checkpoints:
@@ -232,13 +245,15 @@ def _finish(result: Any, catalog: ItemCatalog, collab: CollabArtifact, run_dir: 
     model_dir = None
     with best.as_directory() as d:
         state = read_trainer_state(d)
+        check_run_identity(state, fp, inputs, f"checkpoint {best.path}")
         if export:
             from deftrec.artifacts.model import export_checkpoint
 
             model_dir = run_dir / "model"
             export_checkpoint(d, model_dir, catalog, item_emb=collab.item_emb, user_emb=collab.user_emb, extra={
                 "run": f"{storage}/{name}", "checkpoint": best.path, "best_step": state.best_step,
-                "step": state.step, "valid_ndcg@10": state.best_score, "fingerprint": stage_fp})
+                "step": state.step, "valid_ndcg@10": state.best_score, "fingerprint": stage_fp,
+                "inputs": dict(inputs)})
             say(f"[deftrec] exported step {state.step} (valid NDCG@10 {state.best_score:.4f}) to {model_dir}")
     return DistributedResult(model_dir=model_dir, best_checkpoint=best.path,
                              latest_checkpoint=latest.path if latest is not None else None, state=state,

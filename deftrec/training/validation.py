@@ -43,9 +43,12 @@ class _Validator:
         m = self.model
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with ctx:
-            local = evaluate(m, self.slice, seed=m.cfg.eval.seed, mean_squares=True)
+            # one recommender per validation on every rank: building one reads the item keys, which
+            # under ZeRO-3 is a collective gather that every rank must run equally often
+            rec = DeftRecRecommender(m)
+            local = evaluate(m, self.slice, seed=m.cfg.eval.seed, mean_squares=True, recommender=rec)
             for _ in range(self.extra):
-                DeftRecRecommender(m).score_users(self.valid.histories[:1], self.valid.users[:1], seed=0)
+                rec.score_users(self.valid.histories[:1], self.valid.users[:1], seed=0)
         m.train()
         if not tdist.is_initialized() or tdist.get_world_size() == 1:
             return {p: standard_errors(v, len(self.slice)) for p, v in local.items()}
@@ -86,16 +89,18 @@ def evaluate(
     batch_size: int | None = None,
     eval_cfg: InferenceConfig | None = None,
     mean_squares: bool = False,
+    recommender: DeftRecRecommender | None = None,
 ) -> dict[str, dict[str, float]]:
     """HR/NDCG/MRR@K of ``eval_set`` under both protocols (full catalog, see deftrec.retrieval.metrics),
     with the standard errors of HR@K and NDCG@K (``*_se``; ``mean_squares=True`` leaves the mean squares
     ``*_sq`` instead, for combining ranks).
 
-    ``eval_cfg`` overrides the model's inference settings (sampler, steps, score...). Noise is keyed
+    ``eval_cfg`` overrides the model's inference settings (sampler, steps, score...); ``recommender``
+    reuses a built one (its settings then apply). Noise is keyed
     by user id, so the same users give the same numbers whatever the chunking.
     """
     ecfg = eval_cfg or model.cfg.eval
-    rec = DeftRecRecommender(model, ecfg)
+    rec = recommender if recommender is not None else DeftRecRecommender(model, ecfg)
     ks = tuple(ks or ecfg.k)
     bs = batch_size or ecfg.batch_size
 

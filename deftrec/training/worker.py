@@ -78,7 +78,8 @@ class _WorkerContext:
     user_emb: np.ndarray | None
     valid: EvalSet
     n_samples: int
-    fingerprint: str
+    fingerprint: str  # config_fingerprint of the run
+    inputs: dict[str, str]  # run_inputs: identities of the data and collab artifacts it trains on
 
 
 @dataclass
@@ -171,10 +172,10 @@ def _start(ctx: _WorkerContext, ckpt_dir: Path | None, callback: Callable[[int, 
     steps_per_epoch, total = plan_steps(ctx.n_samples, cfg.train, world, dist.debug_steps)
 
     state = TrainerState(world_size=world, zero_stage=dist.zero_stage, precision=precision,
-                         fingerprint=ctx.fingerprint, config=to_dict(cfg))
+                         fingerprint=ctx.fingerprint, inputs=dict(ctx.inputs), config=to_dict(cfg))
     old, weights, same_layout = None, {}, False
     if ckpt_dir is not None:  # restore first: the old state decides how the model is built and loaded
-        old, weights = read_checkpoint(ckpt_dir, ctx.fingerprint)
+        old, weights = read_checkpoint(ckpt_dir, ctx.fingerprint, ctx.inputs)
         same_layout = (old.world_size == world and old.zero_stage == dist.zero_stage
                        and old.precision == precision and (ckpt_dir / DS_DIR).is_dir())
         state = dataclasses.replace(old, world_size=world, zero_stage=dist.zero_stage, precision=precision,
