@@ -46,3 +46,24 @@ def synth_small(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "small"
     generate(SynthConfig(users=300, items=120, mean_length=20, seed=7), out, log=lambda s: None)
     return out
+
+
+def toy_run(root: Path, synth: Path, *overrides: str):
+    """``root/data`` (``synth`` preprocessed) and ``root/model``: the tiny preset trained for 3 steps
+    (plus ``overrides``) and exported. Returns the trained model; callers build the indexes they need."""
+    from deftrec.artifacts.model import export_model
+    from deftrec.config.data import PreprocessConfig
+    from deftrec.config.pipeline import load_deftrec_config
+    from deftrec.core.config import from_dict
+    from deftrec.data.preprocess import run_preprocess
+    from deftrec.training.local import train_local
+
+    run_preprocess(from_dict(PreprocessConfig, {"input": [str(synth / "interactions.csv")],
+                                                "items": str(synth / "items.csv"),
+                                                "output": str(root / "data")}), log=lambda s: None)
+    cfg = load_deftrec_config(Path(__file__).resolve().parents[1] / "pipelines/configs/tiny.yaml", [
+        *overrides, "train.max_steps=3", "train.warmup_steps=1", "train.validate_every=3", "train.valid_users=20",
+        "collab.epochs=1", "diffusion.hidden=32", "eval.steps=1"])
+    model, _ = train_local(cfg, root / "data", log=None)
+    export_model(model, root / "model")
+    return model

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from deftrec.config.jobs import IndexConfig
+from tests.conftest import toy_run
 
-REPO = Path(__file__).resolve().parents[1]
 URL = "http://127.0.0.1:8000/usertok"
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -23,24 +23,11 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, synth_small):
     """data/, model/ (tiny export with user tokens), index/ (Flat)."""
-    from deftrec.artifacts.model import export_model
     from deftrec.batch.index_job import run_index_job
-    from deftrec.config.data import PreprocessConfig
-    from deftrec.config.pipeline import load_deftrec_config
-    from deftrec.core.config import from_dict
-    from deftrec.data.preprocess import run_preprocess
-    from deftrec.training.local import train_local
 
     root = tmp_path_factory.mktemp("usertok")
-    run_preprocess(from_dict(PreprocessConfig, {"input": [str(synth_small / "interactions.csv")],
-                                                "items": str(synth_small / "items.csv"),
-                                                "output": str(root / "data")}), log=lambda s: None)
-    cfg = load_deftrec_config(REPO / "pipelines/configs/tiny.yaml", [
-        "tokenizer.user_tokens=true", "train.max_steps=3", "train.warmup_steps=1", "train.validate_every=3",
-        "train.valid_users=20", "collab.epochs=1", "diffusion.hidden=32", "eval.steps=1"])
-    model, _ = train_local(cfg, root / "data", log=None)
+    model = toy_run(root, synth_small, "tokenizer.user_tokens=true")
     assert model.cfg.tokenizer.user_tokens
-    export_model(model, root / "model")
     run_index_job(root, IndexConfig(), log=lambda s: None)
     return root
 

@@ -15,8 +15,8 @@ import pytest
 
 from deftrec.config.jobs import IndexConfig
 from deftrec.core.artifacts import finish_manifest, read_manifest
+from tests.conftest import toy_run
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
@@ -34,21 +34,9 @@ def run(tmp_path_factory, synth_small):
     data copies: renamed titles (belongs to the model) and one item fewer (does not)."""
     from deftrec.artifacts.model import export_model
     from deftrec.batch.index_job import run_index_job
-    from deftrec.config.data import PreprocessConfig
-    from deftrec.config.pipeline import load_deftrec_config
-    from deftrec.core.config import from_dict
-    from deftrec.data.preprocess import run_preprocess
-    from deftrec.training.local import train_local
 
     root = tmp_path_factory.mktemp("served")
-    run_preprocess(from_dict(PreprocessConfig, {"input": [str(synth_small / "interactions.csv")],
-                                                "items": str(synth_small / "items.csv"),
-                                                "output": str(root / "data")}), log=lambda s: None)
-    cfg = load_deftrec_config(REPO / "pipelines/configs/tiny.yaml", [
-        "train.max_steps=3", "train.warmup_steps=1", "train.validate_every=3", "train.valid_users=20",
-        "collab.epochs=1", "diffusion.hidden=32", "eval.steps=1"])
-    model, _ = train_local(cfg, root / "data", log=None)
-    export_model(model, root / "model")
+    model = toy_run(root, synth_small)
     export_model(model, root / "model_b", extra={"version": "b"})
     export_model(model, root / "model_c", extra={"inputs": {"data": "0123456789abcdef"}})
     run_index_job(root, IndexConfig(), log=lambda s: None)
