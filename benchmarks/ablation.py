@@ -31,6 +31,7 @@ LEVERS: dict[str, list[str]] = {
     "x0_prediction": ["diffusion.prediction=eps"],
     "normalised_space": ["diffusion.x0_norm=none"],
     "catalog_ce": ["diffusion.lambda_ce=0.0"],
+    "ce_on_generated": ["diffusion.ce_on=sampled"],  # CE on the noised-target estimate instead
     "negatives": ["diffusion.lambda_neg=0.0"],
     "neg_sum_scale": ["diffusion.neg_scale=mean"],
     "trainable_items": ["item_space=fixed"],

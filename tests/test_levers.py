@@ -207,6 +207,47 @@ def test_catalog_ce_is_softmax_cross_entropy_of_the_scores(build):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_ce_on_generated_scores_the_one_step_generation_from_pure_noise(build):
+    """ce_on=generated: the cross-entropy scores the query a one-step sampler retrieves with (the
+    denoiser's output from x_T ~ N(0, I) at t = T-1), not the estimate from the noised target."""
+    m = build("diffusion.lambda_ce=1.0", "diffusion.lambda_neg=0.0", "diffusion.ce_on=generated",
+              "diffusion.dropout=0.0", "diffusion.batch_mul=1", "train.positions=last", "condition=item_states")
+    m.eval()  # no dropout: the same draws give the same outputs
+    batch = m.make_batch(HISTORIES, TARGETS, USERS)
+    task = DeftRecTask(m)
+    parts = task(batch, generator=torch.Generator().manual_seed(0))
+    embeds, hidden = m.encode(batch)
+    cond = m.condition(batch, embeds, hidden)
+    g = torch.Generator().manual_seed(0)
+    m.head.loss(m.x0_table.detach()[batch["targets"]], cond, None, generator=g)  # the same draws, in order
+    x0_gen = m.head.generated_x0(cond, g)
+    torch.testing.assert_close(parts["ce"], task.catalog_ce(x0_gen, m.x0_table, batch["targets"]))
+    # and that generation is what the one-step sampler returns from the same x_T
+    x_T = torch.randn(len(USERS), D_C, generator=torch.Generator().manual_seed(1))
+    t = torch.full((len(USERS),), m.head.cfg.T - 1, dtype=torch.long)
+    torch.testing.assert_close(m.head.sample(cond, sampler="ddim", steps=1, x_T=x_T), m.head.denoiser(x_T, cond, t),
+                               rtol=1e-4, atol=1e-4)
+    sampled = build("diffusion.lambda_ce=1.0", "diffusion.lambda_neg=0.0", "diffusion.ce_on=sampled",
+                    "diffusion.dropout=0.0", "diffusion.batch_mul=1", "train.positions=last", "condition=item_states")
+    sampled.eval()
+    embeds, hidden = sampled.encode(batch)
+    d = sampled.head.loss(sampled.x0_table.detach()[batch["targets"]], sampled.condition(batch, embeds, hidden), None,
+                          generator=torch.Generator().manual_seed(0))
+    out = DeftRecTask(sampled)(batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["ce"], DeftRecTask(sampled).catalog_ce(d["x0_hat"], sampled.x0_table,
+                                                                           batch["targets"]), rtol=1e-4, atol=1e-4)
+
+
+def test_cond_norm_makes_the_head_blind_to_the_condition_scale():
+    """cond_norm: the condition is layer-normalised first, so a pretrained LLM's large states reach the
+    head at the scale a from-scratch one has; without it the scale changes the output."""
+    x_t, cond, t = torch.randn(3, 6), torch.randn(3, 4), torch.tensor([0, 10, 49])
+    normed = _head(cond_norm=True).eval()
+    torch.testing.assert_close(normed.denoiser(x_t, 300 * cond, t), normed.denoiser(x_t, cond, t), rtol=1e-4, atol=1e-4)
+    plain = _head().eval()
+    assert not torch.allclose(plain.denoiser(x_t, 300 * cond, t), plain.denoiser(x_t, cond, t), atol=1e-2)
+
+
 def test_truncated_llm_keeps_its_first_layers(cache):
     from deftrec.config.components import LLMConfig
     from deftrec.model.llm import load_llm
@@ -227,6 +268,8 @@ LEVERS = {
     "prediction": ("diffusion.prediction=x0", "diffusion.prediction=eps"),
     "neg_scale": ("diffusion.neg_scale=sum", "diffusion.neg_scale=mean"),
     "catalog_ce": ("diffusion.lambda_ce=1.0", "diffusion.lambda_ce=0.0"),
+    "ce_on": ("diffusion.ce_on=generated", "diffusion.ce_on=sampled"),
+    "cond_norm": ("diffusion.cond_norm=true", "diffusion.cond_norm=false"),
     "item_space": ("item_space=trainable", "item_space=fixed"),
     "positions": ("train.positions=all", "condition=item_states train.positions=last"),
     "x0_norm": ("diffusion.x0_norm=std", "diffusion.x0_norm=none"),
@@ -270,3 +313,29 @@ def test_each_lever_trains_and_evaluates_both_ways(lever, on, toy_data, cache):
     assert all(np.isfinite(r["total"]) for r in history["train"])
     m = evaluate(model, toy_data.test.subset(np.arange(30)))["history_excluded"]
     assert 0.0 <= m["ndcg@10"] <= 1.0 and np.isfinite(m["ndcg@10"])
+
+
+def test_plateau_decay_anneals_the_lr_after_every_validation_without_a_gain(toy_data, cache):
+    """train.plateau_decay: the learning rate of every later step is the schedule's times
+    decay ** (validations without a gain so far)."""
+    from deftrec.training.optim import lr_factor
+    from deftrec.training.local import train_local
+
+    cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "collab.dim=8", "train.max_steps=12",
+                                     "train.warmup_steps=1", "train.valid_users=20", "train.batch_size=8",
+                                     "train.log_every=1", "train.validate_every=1", "train.patience=null",
+                                     "train.plateau_decay=0.5", "train.min_lr_ratio=1.0"])
+    rng = np.random.default_rng(0)
+    collab = (rng.normal(size=(toy_data.n_users, 8)).astype(np.float32),
+              rng.normal(size=(toy_data.n_items, 8)).astype(np.float32))
+    _, history = train_local(cfg, toy_data, collab=collab, log=None)
+    scores = [v["history_excluded"]["ndcg@10"] for v in history["valid"]]
+    best, bad_after = -1.0, []
+    for s in scores:  # validation i follows step i + 1 (and its log line)
+        bad_after.append((bad_after[-1] if bad_after else 0) + (s <= best))
+        best = max(best, s)
+    assert bad_after[-1] > 0, "no validation without a gain: the test exercises nothing"
+    lrs = {r["step"]: r["lr"] for r in history["train"]}
+    for step in range(2, 13):  # logged at a step: the next step's lr, set before that step's validation
+        want = cfg.train.lr * lr_factor(step, 1, 12, 1.0) * 0.5 ** bad_after[step - 2]
+        assert lrs[step] == pytest.approx(want), step

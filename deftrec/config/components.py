@@ -266,6 +266,13 @@ class DiffusionConfig:
             (DiffuRec's objective): softmax over every item's score s_i = score(x0_hat, W_i) /
             ``ce_temperature``, with ``eval.score``'s rule, against the target. 0 disables it.
         ce_temperature: softmax temperature of that cross-entropy.
+        ce_on: which x0 estimate the cross-entropy scores: ``"sampled"`` (DiffuRec) the estimate from
+            the training draw's noised target x_t at its random t (at small t it mostly copies x_t);
+            ``"generated"`` the one-step generation from pure noise x_T at t = T-1, which is exactly
+            the query a one-step sampler retrieves with (one extra pass of the small denoiser).
+        cond_norm: LayerNorm on the condition c before the denoiser's projection g: a pretrained LLM's
+            hidden states (cut to its first layers but still under its final norm) can be orders of
+            magnitude larger than the item space; False (the method) feeds c as it is.
         noise: True (the method): the denoiser learns to invert the forward process and inference runs
             the reverse process. False is the ablation "the same model without diffusion": no noise and
             no timesteps, the denoiser sees x_t = 0 at t = T-1 and its output is the query (a plain MLP
@@ -302,6 +309,8 @@ class DiffusionConfig:
     neg_scale: Literal["mean", "sum"] = "mean"
     lambda_ce: float = 0.0
     ce_temperature: float = 1.0
+    ce_on: Literal["sampled", "generated"] = "sampled"
+    cond_norm: bool = False
     noise: bool = True
     batch_mul: int = 1
     d_c: InitVar[int | None] = None
@@ -341,6 +350,10 @@ class DiffusionConfig:
         _nonneg_float("diffusion", "ce_temperature", self.ce_temperature)
         if self.ce_temperature == 0:
             raise ValueError("diffusion.ce_temperature must be > 0")
+        if not isinstance(self.cond_norm, bool):
+            raise ValueError(f"diffusion.cond_norm must be true or false, got {self.cond_norm!r}")
+        if self.ce_on not in ("sampled", "generated"):
+            raise ValueError(f"diffusion.ce_on must be 'sampled' or 'generated', got {self.ce_on!r}")
         # derived
         _pos_int("diffusion", "d_c", d_c, allow_none=True)
         _pos_int("diffusion", "cond_dim", cond_dim, allow_none=True)

@@ -42,6 +42,9 @@ class TrainConfig:
     validate_every: int | None = None  # optimiser steps between validations; null: every epoch end
     valid_users: int | None = 1000  # validation subset size (fixed, seeded); null: all users
     patience: int | None = None  # validations without NDCG@10 gain before stopping; null: never
+    # every validation without an NDCG@10 gain multiplies the learning rate by this from then on
+    # (reduce on plateau: validation, not a per-dataset setting, decides when to anneal); 1: off
+    plateau_decay: float = 1.0
     log_every: int = 50  # optimiser steps between progress lines
     device: str = "cpu"
 
@@ -51,6 +54,9 @@ class TrainConfig:
         if self.lr == 0:
             raise ValueError("train.lr must be > 0 (the tokenizers and the diffusion head are always trained)")
         _nonneg_float("train", "min_lr_ratio", self.min_lr_ratio)
+        _nonneg_float("train", "plateau_decay", self.plateau_decay)
+        if not 0 < self.plateau_decay <= 1:
+            raise ValueError(f"train.plateau_decay must be in (0, 1] (1: off), got {self.plateau_decay}")
         if self.min_lr_ratio > 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("epochs", "batch_size", "grad_accum", "min_history", "log_every"):

@@ -385,7 +385,10 @@ class DeftRecTask(nn.Module):
         if m.head.cfg.lambda_neg > 0:
             neg_x0 = m.head.sample_negative_mean(fixed, targets.shape[0], exclude=targets, generator=generator)
         d = m.head.loss(fixed[targets], cond, neg_x0, generator=generator)
-        ce = self.catalog_ce(d["x0_hat"], table, targets)
+        if m.head.cfg.lambda_ce > 0 and m.head.cfg.ce_on == "generated":
+            ce = self.catalog_ce(m.head.generated_x0(cond, generator), table, targets)
+        else:
+            ce = self.catalog_ce(d["x0_hat"], table, targets)
         total = self.lambda_lm * lm + d["loss"] + m.head.cfg.lambda_ce * ce
         return {"lm": lm, "pos": d["pos"], "neg": d["neg"], "ce": ce, "total": total}
 

@@ -90,6 +90,7 @@ class Denoiser(nn.Module):
         self.time_dim = cfg.time_dim
         h = cfg.hidden
         self.in_proj = nn.Linear(cfg.d_c, h)
+        self.cond_norm = nn.LayerNorm(cfg.cond_dim) if cfg.cond_norm else nn.Identity()
         self.cond_proj = nn.Sequential(nn.Linear(cfg.cond_dim, h), nn.SiLU(), nn.Linear(h, h))
         self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, h), nn.SiLU(), nn.Linear(h, h))
         self.blocks = nn.ModuleList(_ResBlock(h, cfg.dropout) for _ in range(cfg.n_blocks))
@@ -113,7 +114,7 @@ class Denoiser(nn.Module):
         cond = cond.to(self.null_cond.dtype)
         if drop_cond is not None:
             cond = torch.where(drop_cond[:, None], self.null_cond.expand_as(cond), cond)
-        return self.cond_proj(cond)
+        return self.cond_proj(self.cond_norm(cond))
 
     def time_features(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         """MLP(sinusoid(t)) [len(t), hidden]."""
@@ -290,6 +291,22 @@ class DiffusionHead(nn.Module):
             idx = draw_randint(N - 1, (batch_size, n_neg), dev, generator)
             idx = idx + (idx >= ex).long()
         return item_table[idx].mean(dim=1)
+
+    def generated_x0(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The one-step generation from x_T ~ N(0, I) at t = T-1 (x_T = 0 without noise), in the
+        current mode and with gradient: the query a one-step sampler retrieves with."""
+        B, T = cond.shape[0], self.cfg.T
+        param = next(self.denoiser.parameters())
+        t = torch.full((B,), T - 1, dtype=torch.long, device=param.device)
+        if self.cfg.noise:
+            x_T = draw_randn((B, self.cfg.d_c), param, generator)
+        else:
+            x_T = torch.zeros(B, self.cfg.d_c, device=param.device, dtype=param.dtype)
+        drop = None
+        if self.training and self.cfg.cond_dropout > 0:
+            drop = draw_rand((B,), param.device, generator) < self.cfg.cond_dropout
+        pred = self.denoiser(x_T, cond.to(param.dtype), t, drop)
+        return pred if self.cfg.prediction == "x0" else self.schedule.predict_x0(x_T, t, pred)
 
     # -- inference
     @torch.no_grad()

@@ -129,6 +129,7 @@ class TrainerState:
     best_score: float = -1.0
     best_step: int | None = None
     bad_validations: int = 0
+    lr_decays: int = 0  # validations without a gain so far: the lr is peak x f(step) x plateau_decay ** this
     world_size: int = 1
     zero_stage: int = 2
     precision: str = "fp32"

@@ -37,6 +37,7 @@ from deftrec.training.lightgcn import train_lightgcn
 from deftrec.training.optim import (
     LossWindow,
     build_optimizer,
+    PlateauScale,
     build_scheduler,
     make_batch,
     step_line,
@@ -133,6 +134,7 @@ class _Progress:
     best_score: float = -1.0
     best_state: dict[str, torch.Tensor] | None = None
     bad: int = 0
+    plateau: PlateauScale = field(default_factory=PlateauScale)
 
 
 def _fit(model: DeftRec, task: DeftRecTask, cfg: DeftRecConfig, samples: TrainingSamples, valid: EvalSet,
@@ -143,13 +145,13 @@ def _fit(model: DeftRec, task: DeftRecTask, cfg: DeftRecConfig, samples: Trainin
     steps_per_epoch, total = plan_steps(len(samples), t, world_size=1, drop_last=False)
     validate_every = t.validate_every or steps_per_epoch
     opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg, total)
+    p = _Progress(plateau=PlateauScale(t.plateau_decay))
+    sched = build_scheduler(opt, cfg, total, p.plateau)
     gen = torch.Generator().manual_seed(t.seed)
     n_llm = sum(p.numel() for p in model.param_groups()["llm"] if p.requires_grad)
     n_heads = sum(p.numel() for p in model.param_groups()["heads"])
     say(f"[deftrec] {len(samples):,} samples, {len(valid):,} validation users, {total:,} steps "
         f"({steps_per_epoch:,}/epoch, {per_step} samples/step); trainable: llm {n_llm:,}, heads {n_heads:,}")
-    p = _Progress()
     mark = time.perf_counter()  # samples/s: wall time since the last log line (validations included)
     model.train()
     for epoch in range(1, t.epochs + 1):
@@ -190,6 +192,7 @@ def _validate(model: DeftRec, valid: EvalSet, cfg: DeftRecConfig, p: _Progress, 
         history["best"] = {"step": p.step, "ndcg@10": score}
         return False
     p.bad += 1
+    p.plateau.plateaus += 1
     patience = cfg.train.patience
     if patience is not None and p.bad >= patience:
         say(early_stop_line(p.step, p.best_score, history["best"]["step"]))

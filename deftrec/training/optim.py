@@ -9,7 +9,8 @@ Learning-rate schedule (per optimiser step s, W warm-up steps, S total steps, r 
     f(s) = (s + 1) / W                                               s < W
     f(s) = r + (1 - r) * 0.5 * (1 + cos(pi * (s - W) / max(1, S - W)))   otherwise
 
-and each group's lr is its peak times f(s).
+and each group's lr is its peak times f(s) times ``train.plateau_decay`` ** n, n the validations
+without a gain so far (:class:`PlateauScale`; 1 when the decay is off).
 """
 
 from __future__ import annotations
@@ -54,12 +55,25 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DeftRecConfig, total_steps: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+@dataclass
+class PlateauScale:
+    """The learning-rate multiplier ``decay ** plateaus``: the loops count every validation without a
+    gain into ``plateaus`` (checkpointed as ``TrainerState.lr_decays``); it applies from the next step."""
+
+    decay: float = 1.0
+    plateaus: int = 0
+
+    def __call__(self) -> float:
+        return self.decay ** self.plateaus
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DeftRecConfig, total_steps: int,
+                    plateau: PlateauScale | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     t = cfg.train
     warmup = min(t.warmup_steps, max(0, total_steps - 1))
+    scale = plateau if plateau is not None else PlateauScale()
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total_steps, t.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, t.min_lr_ratio) * scale())
 
 
 def train_step(

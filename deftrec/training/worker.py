@@ -58,7 +58,7 @@ from deftrec.training.collectives import (
 )
 from deftrec.training.dataset import plan_steps
 from deftrec.training.ds_config import build_deepspeed_config, resolve_precision
-from deftrec.training.optim import LOSS_PARTS, LossWindow, step_line
+from deftrec.training.optim import LOSS_PARTS, LossWindow, PlateauScale, step_line
 from deftrec.training.validation import (
     _Validator,
     early_stop_line,
@@ -94,6 +94,7 @@ class _Run:
     model: DeftRec
     engine: Any  # deepspeed.DeepSpeedEngine around DeftRecTask(model)
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    plateau: PlateauScale  # read by the scheduler; follows state.lr_decays
     validator: _Validator
     state: TrainerState  # what rank 0 checkpoints
     total: int  # optimizer steps of the whole run
@@ -180,8 +181,9 @@ def _start(ctx: _WorkerContext, ckpt_dir: Path | None, callback: Callable[[int, 
                        and old.precision == precision and (ckpt_dir / DS_DIR).is_dir())
         state = dataclasses.replace(old, world_size=world, zero_stage=dist.zero_stage, precision=precision,
                                     attempts=old.attempts + 1, config=to_dict(cfg))
+    plateau = PlateauScale(cfg.train.plateau_decay, state.lr_decays)
     model, engine, scheduler, n_llm, n_heads = _build_engine(ctx, cfg, device, world, precision, total, weights,
-                                                             same_layout)
+                                                             same_layout, plateau)
     del weights
     if old is not None:
         if same_layout:
@@ -195,7 +197,7 @@ def _start(ctx: _WorkerContext, ckpt_dir: Path | None, callback: Callable[[int, 
 
     t = cfg.train
     run = _Run(rank=rank, world=world, device=device, cfg=model.cfg, dist=dist, model=model, engine=engine,
-               scheduler=scheduler, state=state, total=total, say=say, callback=callback,
+               scheduler=scheduler, plateau=plateau, state=state, total=total, say=say, callback=callback,
                validator=_Validator(model, ctx.valid, rank, world, dist.zero_stage == 3, precision, device),
                gen=torch.Generator(device=device).manual_seed(_mix_seed(t.seed, rank, state.step, state.attempts)),
                last_ckpt_step=state.step if ckpt_dir is not None else -1,
@@ -217,7 +219,7 @@ def _device(dist: DistributedConfig) -> torch.device:
 
 
 def _build_engine(ctx: _WorkerContext, cfg: DeftRecConfig, device: torch.device, world: int, precision: str,
-                  total: int, weights: dict[str, torch.Tensor], same_layout: bool) -> tuple:
+                  total: int, weights: dict[str, torch.Tensor], same_layout: bool, plateau: PlateauScale) -> tuple:
     """(model, DeepSpeed engine, scheduler, trainable LLM params, trainable head params).
 
     Restored consolidated weights are loaded before ``deepspeed.initialize`` so that ZeRO partitions
@@ -238,7 +240,7 @@ def _build_engine(ctx: _WorkerContext, cfg: DeftRecConfig, device: torch.device,
     n_heads = sum(p.numel() for p in model.param_groups()["heads"])
     model.to(device)
     optimizer = _client_optimizer(model, model.cfg, ctx.dist)
-    scheduler = build_scheduler(optimizer, model.cfg, total)
+    scheduler = build_scheduler(optimizer, model.cfg, total, plateau)
     engine, _, _, _ = deepspeed.initialize(model=DeftRecTask(model), optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(cfg.train, ctx.dist, world, precision),
                                            dist_init_required=False)
@@ -366,6 +368,8 @@ def _validate(run: _Run) -> dict[str, Any]:
         s.best_score, s.best_step, s.bad_validations = score, s.step, 0
     else:
         s.bad_validations += 1
+        s.lr_decays += 1
+        run.plateau.plateaus = s.lr_decays
     run.last_valid_step = s.step
     return {**_flatten_valid(metrics), SCORE_KEY: score}
 
