@@ -182,8 +182,11 @@ class RecommenderEngine:
             keep = ids[r, : q.k] >= 0
             out.append({"items": list(zip(ids[r, : q.k][keep].tolist(), scores[r, : q.k][keep].tolist())),
                         "reasoning": text[r] if (text is not None and q.explain) else None})
+        # texts_generated: what this batch paid for text generation (0 unless explained or the
+        # condition is read from the generated text)
         timings = {"condition": qs.seconds["condition"] * 1e3, "sample": qs.seconds["sample"] * 1e3,
-                   "search": t_search * 1e3, "batch_size": float(len(queries))}
+                   "search": t_search * 1e3, "batch_size": float(len(queries)),
+                   "texts_generated": float(len(text) if text is not None else 0)}
         return out, timings
 
     def check(self) -> None:

@@ -15,8 +15,14 @@ MAX_HISTORY_ITEMS = 500  # longer histories are refused (422); the model only re
 Id = Union[StrictStr, StrictInt]
 
 
+# What _need_user_or_history checks, in the OpenAPI document too: a client (or a fuzzer) reading
+# the schema knows that an empty body is refused.
+_USER_OR_HISTORY = {"anyOf": [{"required": ["user_id"], "properties": {"user_id": {"type": ["string", "integer"]}}},
+                              {"required": ["history"], "properties": {"history": {"type": "array"}}}]}
+
+
 class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_USER_OR_HISTORY)
 
     user_id: Optional[Id] = Field(None, description="a known user; their stored history is used unless `history` is given")
     history: Optional[list[Id]] = Field(None, min_length=1, max_length=MAX_HISTORY_ITEMS,
@@ -52,6 +58,12 @@ class RecommendResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+    version: str = Field(description="content id of the served model, index and catalog (the user_config's version)")
     model_version: str
     index_version: str
     items: int
+    refused_version: Optional[str] = Field(
+        None, description="the version named by the last user_config update this replica refused, while it kept "
+                          "serving `version`; null when the last update was accepted (or the refused one named none)")
+    refused_reason: Optional[str] = Field(
+        None, description="why the last user_config update was refused; null when it was accepted")

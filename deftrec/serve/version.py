@@ -4,6 +4,20 @@ The Serve replicas hold exactly one :class:`ServedVersion` at a time and pin eve
 the ids of a request are resolved, the query answered and the answer described (titles) by the
 same version, so a swap can never pair a new index with an old catalog. Its parts must belong
 together (:func:`check_version_parts`), otherwise it is refused before it is loaded.
+
+A version is named by its content, not its folders: :func:`content_version` is the fingerprint of
+the three artifacts' ids (their manifests' output checksums). The deployment's ``user_config``
+carries that id as ``version`` next to the folders (``build_app`` fills it in at deploy time;
+``python -m deftrec.serve.version RUN_DIR`` prints the whole ``user_config`` for a deploy file),
+and a replica serves those folders only while they hold that content. So a model retrained or
+re-indexed in place under an unchanged ``user_config`` is never picked up by some replicas only
+(Serve calls no ``reconfigure`` for an unchanged ``user_config``, but starts new replicas from
+the folders): a replica started after the rewrite refuses to start, naming both ids, while the
+running ones keep serving the version the ``user_config`` names. Rolling the new content out is a
+new ``version`` (a redeploy of ``build_app``, or the printed id in the deploy file): every replica
+then swaps in place, or, if it refuses the new version, keeps serving its old one and reports the
+refusal (:mod:`deftrec.serve.app`). The id is read again after loading, so a folder replaced while a replica
+loads it is refused too, never half read.
 """
 
 from __future__ import annotations
@@ -13,10 +27,10 @@ from typing import Any, Callable, Optional
 
 import pyarrow.parquet as pq
 
-from deftrec.core.artifacts import ArtifactError, artifact_id, artifact_version, read_manifest
+from deftrec.core.artifacts import ArtifactError, artifact_id, artifact_version, fingerprint, read_manifest
 from deftrec.serve.engine import Query, RecommenderEngine, ServingCatalog, UnknownId, history_key
 
-__all__ = ["ServedVersion", "UnknownId", "VersionMismatch", "check_version_parts", "version_identity"]
+__all__ = ["ServedVersion", "UnknownId", "VersionMismatch", "check_version_parts", "content_version"]
 
 
 class VersionMismatch(ArtifactError):
@@ -60,18 +74,32 @@ class ServedVersion:
 
     def __init__(self, model_dir: str | Path, index_dir: str | Path, data_dir: str | Path,
                  loader: Optional[Callable] = None, ddim_steps: Optional[int] = None,
-                 max_history: Optional[int] = None):
+                 max_history: Optional[int] = None, expect: Optional[str] = None):
+        """``expect``: the :func:`content_version` the folders must hold (else :class:`VersionMismatch`,
+        before anything is loaded); None serves whatever they hold."""
+        dirs = (model_dir, index_dir, data_dir)
+        found = content_version(*dirs)
+        if expect is not None and found != expect:
+            raise VersionMismatch(
+                f"{', '.join(map(str, dirs))} hold version {found}, not the version {expect} that the user_config "
+                f"names: they were rewritten (retrained or re-indexed in place?). Nothing was loaded; to serve "
+                f"their new content, set the user_config's version to {found}.")
         catalog = ServingCatalog(data_dir, max_history)
         check_version_parts(model_dir, index_dir, data_dir, catalog)  # before the (slow) model load
         self.engine = RecommenderEngine(model_dir, index_dir, loader=loader, ddim_steps=ddim_steps)
+        if content_version(*dirs) != found:  # an export renamed into place mid-load: parts of two versions
+            raise VersionMismatch(f"{', '.join(map(str, dirs))} changed while they were loaded (from version "
+                                  f"{found}); nothing was swapped in, try again")
         self.catalog = catalog
         self.user_offset = len(catalog.user_index) + 1  # anonymous noise keys never collide with users
-        self.identity = version_identity(model_dir, index_dir, data_dir, ddim_steps)
+        self.version_id = found
+        self.identity = (found, ddim_steps)  # what makes two versions the same: content + inference override
 
     @property
     def versions(self) -> dict:
         e = self.engine
-        return {"model_version": e.model_version, "index_version": e.index_version, "items": self.catalog.n_items}
+        return {"version": self.version_id, "model_version": e.model_version, "index_version": e.index_version,
+                "items": self.catalog.n_items}
 
     def query(self, req: Any) -> Query:
         """The :class:`Query` of a validated request (``user_id``, ``history``, ``k``,
@@ -92,8 +120,34 @@ class ServedVersion:
         self.engine.check()
 
 
-def version_identity(model_dir: str | Path, index_dir: str | Path, data_dir: str | Path,
-                     ddim_steps: Optional[int]) -> tuple:
-    """What makes two versions the same: the contents of the three artifacts (not their paths, so
-    a model retrained in place is a new version) and the inference override."""
-    return (artifact_version(model_dir), artifact_version(index_dir), artifact_id(data_dir), ddim_steps)
+def content_version(model_dir: str | Path, index_dir: str | Path, data_dir: str | Path) -> str:
+    """The id of the version these folders hold: their contents (their output checksums, so any
+    rewrite is a new id, also one that keeps a declared ``version``) and the versions they declare
+    (which the parts are matched by), never their paths."""
+    return fingerprint({k: [artifact_id(d), artifact_version(d)]
+                        for k, d in (("model", model_dir), ("index", index_dir), ("data", data_dir))})
+
+
+def served_dirs(run_dir: str | Path, user_config: dict) -> list[str]:
+    """The model, index and data folders a ``user_config`` names (each defaults to ``run_dir``'s)."""
+    return [str(user_config.get(f"{k}_dir") or Path(run_dir) / k) for k in ("model", "index", "data")]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Print the ``user_config`` that serves a run's current content (for a deploy file)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m deftrec.serve.version", description=main.__doc__)
+    p.add_argument("run_dir")
+    for k in ("model", "index", "data"):
+        p.add_argument(f"--{k}-dir", help=f"default RUN_DIR/{k}")
+    a = p.parse_args(argv)
+    given = {f"{k}_dir": str(Path(v).resolve()) for k in ("model", "index", "data") if (v := getattr(a, f"{k}_dir"))}
+    dirs = served_dirs(Path(a.run_dir).resolve(), given)
+    print(json.dumps({"model_dir": dirs[0], "index_dir": dirs[1], "data_dir": dirs[2],
+                      "version": content_version(*dirs)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
