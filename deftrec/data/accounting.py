@@ -35,7 +35,7 @@ class ReadCounts:
     blank: int
     row_rejected: Counter  # reason -> rows
     n_rej: int
-    catalog_rejected: Counter  # reason -> catalog rows
+    catalog_rejected: Counter  # reason -> catalog rows (deftrec: item_list.txt and user_list.txt rows)
     valid_rows: int
 
 
@@ -63,13 +63,15 @@ class Outcome:
 
 
 def build_manifest(cfg: PreprocessConfig, inputs: list[str], read: ReadCounts, outcome: Outcome,
-                   num_buckets: int, timings: dict) -> dict:
+                   num_buckets: int, timings: dict, skipped: Optional[dict] = None) -> dict:
+    """``skipped``: files of input folders that were not read (path -> reason), listed as ``inputs_skipped``."""
     removed, split_rows = outcome.removed, outcome.split_rows
     return {
         "kind": "preprocessed",
         "schema_version": SCHEMA_VERSION,
         "config": to_dict(cfg),
         "inputs": {p: {"sha256": sha256_file(p), "bytes": os.path.getsize(p)} for p in inputs},
+        "inputs_skipped": dict(skipped or {}),
         "counts": {
             "rows_in": read.rows_in,
             "blank_lines": read.blank,

@@ -35,9 +35,12 @@ def dedup_sorted(t: pa.Table) -> tuple[pa.Table, pa.Table]:
         keys.append(enc.indices.to_numpy(zero_copy_only=False))
     keys.append(t.column("timestamp").to_numpy())
     r = t.column("rating").combine_chunks()
-    keys.append(np.nan_to_num(r.to_numpy(zero_copy_only=False), nan=-np.inf))  # nulls group together
+    # null is its own key, never a sentinel value that a real rating could equal (ratings are finite)
+    null = r.is_null().to_numpy(zero_copy_only=False)
+    keys.append(null)
+    keys.append(np.where(null, 0.0, pc.fill_null(r, 0.0).to_numpy(zero_copy_only=False)))
     ordk = t.column("_ord").to_numpy()
-    order = np.lexsort((ordk, keys[3], keys[2], keys[1], keys[0]))
+    order = np.lexsort((ordk, *reversed(keys)))
     same = np.ones(len(order) - 1, bool)
     for k in keys:
         ks = k[order]

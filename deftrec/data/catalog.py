@@ -3,7 +3,15 @@
 This module owns the catalog side of the input: detecting the catalog's format (MovieLens
 ``.dat``, Parquet, JSONL, CSV/TSV), full CSV parsing with quotes and embedded newlines (catalogs
 are small, so they are parsed in Python), resolving the configured id/title/category columns,
-and rejecting catalog rows with a wrong field count, a missing id or title, or a duplicate id.
+and rejecting catalog rows.
+
+Rules: only the id and the title columns are required; a missing category column leaves the
+category empty. A catalog row is rejected (``rejects/catalog.parquet``, counted under
+``catalog_rejected``) for a wrong field count, a missing id or title, a duplicate id, bytes that
+are not valid in the file's encoding, a CSV record ``csv`` cannot read, or, in JSONL, a line that
+is not a JSON object, is nested too deeply, or holds a list/object where a column's value should
+be. File-level problems (no header, a column named twice, a non-scalar Parquet column, no valid
+row) are ``InputError`` naming the file and line.
 """
 
 from __future__ import annotations
@@ -12,13 +20,18 @@ import csv
 import dataclasses
 import io
 import json
+import re
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deftrec.config.data import PreprocessConfig
-from deftrec.data.layout import check_file
+from deftrec.data.layout import check_file, check_scalar_columns, check_unique_names
 from deftrec.data.readers import REJECT_SCHEMA, InputError
+from deftrec.data.validation import column_strings
+
+_SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" leaves for undecodable bytes
 
 
 @dataclasses.dataclass
@@ -34,112 +47,195 @@ def read_catalog(cfg: PreprocessConfig, path: str) -> RawCatalog:
     check_file(path)
     cc = cfg.catalog_columns
     if cfg.format == "movielens" or (path.endswith(".dat")):
-        rows, numbers = read_delimited(path, "::", cfg.encoding, header=False)
+        _, rows, numbers = read_delimited(path, "::", cfg.encoding, header=False)
         names = [str(i) for i in range(max((len(r) for r in rows), default=0))]
-    elif path.endswith(".parquet") or _is_parquet(path):
-        t = pq.read_table(path)
-        names = t.column_names
-        rows = [list(map(lambda v: "" if v is None else str(v), r.values())) for r in t.to_pylist()]
-        numbers = list(range(1, len(rows) + 1))
-        return catalog_from_rows(path, names, rows, numbers, cc, header_line=False)
-    elif path.endswith(".jsonl") or path.endswith(".json"):
-        rows_obj, numbers = [], []
-        with open(path, encoding=cfg.encoding) as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows_obj.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"{path}: line {i}: invalid JSON ({e.msg})") from None
-                    numbers.append(i)
-        names = sorted({k for o in rows_obj for k in o})
-        rows = [["" if o.get(k) is None else str(o.get(k)) for k in names] for o in rows_obj]
-        return catalog_from_rows(path, names, rows, numbers, cc, header_line=False)
-    else:
-        delim = "\t" if path.endswith(".tsv") else ","
-        all_rows, numbers = read_delimited(path, delim, cfg.encoding, header=True)
-        names, rows, numbers = [c.strip() for c in all_rows[0]], all_rows[1:], numbers[1:]
-        return catalog_from_rows(path, names, rows, numbers, cc, header_line=True)
-    return catalog_from_rows(path, names, rows, numbers, cc, header_line=False)
+        return catalog_from_rows(path, names, rows, numbers, cc, header_line=False, encoding=cfg.encoding)
+    if path.endswith(".parquet") or _is_parquet(path):
+        return _parquet_catalog(path, cc)
+    if path.endswith(".jsonl") or path.endswith(".json"):
+        names, rows, numbers, pre = _jsonl_rows(path, cfg.encoding, cc)
+        return catalog_from_rows(path, names, rows, numbers, cc, header_line=False, pre_rejects=pre)
+    delim = "\t" if path.endswith(".tsv") else ","
+    header, rows, numbers = read_delimited(path, delim, cfg.encoding, header=True)
+    return catalog_from_rows(path, header, rows, numbers, cc, header_line=True, encoding=cfg.encoding)
+
+
+def _parquet_catalog(path: str, cc) -> RawCatalog:
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+    except Exception as e:  # pyarrow raises several types for non-parquet files
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+    check_unique_names(path, names, "schema")
+    wanted = {r: c for r, c in (("item id", cc.item), ("title", cc.title), ("category", cc.category))
+              if c and c in names}
+    check_scalar_columns(path, pf.schema_arrow, wanted)
+    cols = list(dict.fromkeys(wanted.values()))
+    try:
+        t = pf.read(columns=cols)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"{path}: Parquet data cannot be read ({e})") from None
+    strings = {c: column_strings(t.column(c)) for c in cols}
+    pre = []
+    bad = [i for c in cols for i in map(int, strings[c][1].nonzero()[0])]
+    for i in sorted(set(bad)):
+        pre.append((i + 1, "*", "catalog: invalid utf-8 bytes", "\t".join(strings[c][0][i].as_py() for c in cols)))
+    values = [strings[c][0].to_pylist() for c in cols]
+    rows = [list(r) for r in zip(*values)]
+    numbers = list(range(1, len(rows) + 1))
+    keep = set(range(len(rows))) - set(bad)
+    rows = [r for i, r in enumerate(rows) if i in keep]
+    numbers = [n for i, n in enumerate(numbers) if i in keep]
+    return catalog_from_rows(path, cols, rows, numbers, cc, header_line=False, pre_rejects=pre)
+
+
+def _jsonl_rows(path: str, encoding: str, cc):
+    """JSONL catalog -> (column names, rows, line numbers, rejected lines)."""
+    keys = [k for k in (cc.item, cc.title, cc.category) if k]
+    rows, numbers, pre, seen_keys = [], [], [], set()
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError:
+                pre.append((i, "*", f"catalog: invalid {encoding} bytes",
+                            raw.decode(encoding, "backslashreplace").rstrip("\r\n")))
+                continue
+            if not line.strip():
+                continue
+            reason, field, row = _json_catalog_row(line, keys)
+            if reason:
+                pre.append((i, field, reason, line.rstrip("\r\n")))
+                continue
+            seen_keys.update(k for k, v in zip(keys, row) if v is not None)
+            rows.append(["" if v is None else v for v in row])
+            numbers.append(i)
+    # a key no line has is a missing column (reported by catalog_from_rows), not an empty value
+    names = [k if k in seen_keys or not rows else None for k in keys]
+    return names, rows, numbers, pre
+
+
+def _json_catalog_row(line: str, keys: list[str]):
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        return "catalog: JSON nested too deeply", "*", None
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
+        return f"catalog: invalid JSON ({getattr(e, 'msg', 'number too long')})", "*", None
+    if not isinstance(obj, dict):
+        return "catalog: JSON line is not an object", "*", None
+    row = []
+    for k in keys:
+        v = obj.get(k)
+        if isinstance(v, (list, dict)):
+            return f"catalog: field {k!r} is not a scalar", k, None
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"catalog: field {k!r} holds a lone surrogate escape", k, None
+        row.append(None if v is None else str(v))
+    return None, None, row
 
 
 def read_delimited(path: str, delim: str, encoding: str, header: bool):
-    """Full CSV parsing (quotes, embedded newlines) for catalogs, which are small."""
-    try:
-        with open(path, encoding=encoding, newline="") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        line = _line_of_offset(path, e.start)
-        raise InputError(f"{path}: line {line}: bytes that are not valid {encoding} "
-                         f"(offset {e.start}); pass --encoding if the file uses another encoding") from None
-    if len(delim) == 1:
-        reader = csv.reader(io.StringIO(text), delimiter=delim, quotechar='"')
-        rows, numbers = [], []
-        for r in reader:
-            numbers.append(reader.line_num)
-            rows.append(r)
-        # reader.line_num is the line where a record ends; we want where it starts
-        starts = [1] + [n + 1 for n in numbers[:-1]]
-        keep = [i for i, r in enumerate(rows) if r]
-        return [rows[i] for i in keep], [starts[i] for i in keep]
-    rows, numbers = [], []
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            rows.append(line.split(delim))
-            numbers.append(i)
-    return rows, numbers
+    """Full CSV parsing (quotes, embedded newlines) for catalogs, which are small.
 
-
-def _line_of_offset(path: str, offset: int) -> int:
+    -> (header fields or None, data rows, line numbers where each row starts). Undecodable bytes
+    stay in the fields as surrogate escapes (the rows are rejected by ``catalog_from_rows``); a
+    record ``csv`` cannot read is returned as ``None``. With ``header``, a file without a
+    non-blank first record, or a header with undecodable bytes, is an InputError."""
     with open(path, "rb") as f:
-        return f.read(offset).count(b"\n") + 1
+        text = f.read().decode(encoding, errors="surrogateescape")
+    rows, numbers = [], []
+    if len(delim) == 1:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, quotechar='"')
+        start = 1
+        while True:
+            try:
+                r = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:  # e.g. a field over csv's size limit: this record only
+                r = None
+            if r is None or any(c.strip() for c in r):  # a record of blank fields is a blank line
+                rows.append(r)
+                numbers.append(start)
+            start = reader.line_num + 1  # line_num is where a record ends; the next starts after it
+    else:
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rows.append(line.split(delim))
+                numbers.append(i)
+    if not header:
+        return None, rows, numbers
+    if not rows or rows[0] is None:
+        raise InputError(f"{path}: line {numbers[0] if rows else 1}: no readable header "
+                         f"({'the file holds only blank lines' if not rows else 'csv cannot read it'})")
+    names = [c.strip() for c in rows[0]]
+    if any(_SURROGATE.search(c) for c in names):
+        raise InputError(f"{path}: line {numbers[0]}: header has bytes that are not valid {encoding}; "
+                         f"pass --encoding if the file uses another encoding")
+    check_unique_names(path, names, f"line {numbers[0]} (header)")
+    return names, rows[1:], numbers[1:]
 
 
-def catalog_from_rows(path, names, rows, numbers, cc, header_line: bool) -> RawCatalog:
+def _raw(r: Optional[list], encoding: str) -> str:
+    if r is None:
+        return ""
+    text = " ".join(r)
+    return text.encode(encoding, "surrogateescape").decode(encoding, "backslashreplace") if _SURROGATE.search(text) \
+        else text
+
+
+def catalog_from_rows(path, names, rows, numbers, cc, header_line: bool, encoding: str = "utf-8",
+                      pre_rejects: Optional[list] = None, key_check: Optional[Callable[[str], Optional[str]]] = None
+                      ) -> RawCatalog:
+    """Rows of strings -> catalog; ``pre_rejects`` are rows the reader already rejected
+    (line, field, reason, raw); ``key_check`` returns a reason to reject an id, or None."""
     def pos(name, role, required):
-        if name is None:
-            if required:
-                raise InputError(f"{path}: catalog column for {role} is not configured")
-            return None
         if name in names:
             return names.index(name)
-        if str(name).isdigit() and int(name) < max(len(names), 1):
+        if str(name).isdigit() and str(name).isascii() and int(name) < max(len(names), 1):
             return int(name)
-        if required or role == "category":
+        if required:
             hint = " (a catalog without titles cannot be used: the prompts need them)" if role == "title" else ""
-            raise InputError(f"{path}: catalog has no {role} column {name!r}; columns are {names}{hint}")
+            shown = [n for n in names if n is not None]
+            raise InputError(f"{path}: catalog has no {role} column {name!r}; columns are {shown}{hint}")
         return None
 
-    if not rows:
+    rej = list(pre_rejects or [])
+    if not rows and not rej:
         raise InputError(f"{path}: catalog has no rows")
+    if cc.item is None or cc.title is None:
+        raise InputError(f"{path}: catalog columns for the item id and the title must be configured")
     pi, pt = pos(cc.item, "item id", True), pos(cc.title, "title", True)
     pcat = pos(cc.category, "category", False) if cc.category else None
     width = len(names) if header_line else None
-    keys, titles, cats, rej = [], [], [], []
+    need = max(pi, pt, pcat if pcat is not None else 0)
+    keys, titles, cats = [], [], []
     seen = {}
     for r, line in zip(rows, numbers):
-        if width is not None and len(r) != width:
-            rej.append((line, "*", f"wrong field count (expected {width}, got {len(r)})", " ".join(r)))
-            continue
-        need = max(pi, pt, pcat if pcat is not None else 0)
-        if len(r) <= need:
-            rej.append((line, "*", f"wrong field count (expected > {need})", " ".join(r)))
-            continue
-        key, title = r[pi].strip(), r[pt]
-        if not key:
-            rej.append((line, cc.item, "catalog: missing item id", " ".join(r)))
-            continue
-        if not title.strip():
-            rej.append((line, cc.title, "catalog: missing title", " ".join(r)))
-            continue
-        if key in seen:
-            rej.append((line, cc.item, f"catalog: duplicate item id (first on line {seen[key]})", " ".join(r)))
+        reason, field = _row_problem(r, width, need, encoding)
+        if reason is None:
+            key, title = r[pi].strip(), r[pt]
+            if not key:
+                reason, field = "catalog: missing item id", cc.item
+            elif not title.strip():
+                reason, field = "catalog: missing title", cc.title
+            elif key in seen:
+                reason, field = f"catalog: duplicate item id (first on line {seen[key]})", cc.item
+            elif key_check is not None and key_check(key) is not None:
+                reason, field = key_check(key), cc.item
+        if reason is not None:
+            rej.append((line, field, reason, _raw(r, encoding)))
             continue
         seen[key] = line
         keys.append(key)
         titles.append(title)
-        # kept verbatim (even empty): the published datasets must round-trip exactly
-        cats.append(r[pcat] if pcat is not None else "unknown")
+        # kept verbatim (even empty): the published datasets must round-trip exactly; no column: empty
+        cats.append(r[pcat] if pcat is not None else ("" if cc.category else "unknown"))
+    rej.sort(key=lambda x: x[0])
     if not keys:
         raise InputError(f"{path}: catalog has no valid rows ({len(rej)} rejected, first: line {rej[0][0]}: {rej[0][2]})")
     table = pa.table({"key": keys, "item_id": keys, "title": titles, "category": cats})
@@ -150,7 +246,19 @@ def catalog_from_rows(path, names, rows, numbers, cc, header_line: bool) -> RawC
     return RawCatalog(table, rejects, path)
 
 
+def _row_problem(r: Optional[list], width: Optional[int], need: int, encoding: str):
+    """-> (reason, field) for a row that cannot be read at all, else (None, None)."""
+    if r is None:
+        return "catalog: malformed CSV record", "*"
+    if any(_SURROGATE.search(v) for v in r):
+        return f"catalog: invalid {encoding} bytes", "*"
+    if width is not None and len(r) != width:
+        return f"catalog: wrong field count (expected {width}, got {len(r)})", "*"
+    if len(r) <= need:
+        return f"catalog: wrong field count (expected > {need})", "*"
+    return None, None
+
+
 def _is_parquet(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PAR1"
-

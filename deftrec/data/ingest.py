@@ -5,6 +5,12 @@ paths, choosing the number of user buckets, reading the item catalog, planning c
 absolute line numbers, the Ray Data map that parses and validates every chunk (rejects and
 per-chunk statistics go to side files), and the path for the published deftrec-format folders.
 Its result (``ReadResult``) is what the later stages and the manifest need from the read.
+
+A folder input is read recursively (Hive-style partitions such as ``day=2026-01-01/part-0.parquet``
+included), files in sorted relative-path order. Files and folders whose name starts with ``_``
+or ``.`` (``_SUCCESS``, ``_metadata``, ``.part-0.crc``, ``_temporary/``) and empty files are
+skipped; each skipped path is logged and listed in the manifest (``inputs_skipped``). A file
+named on its own is always read.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from deftrec.core.artifacts import write_json_atomic
 from deftrec.data.catalog import RawCatalog, read_catalog
 from deftrec.data.chunks import parse_chunk
 from deftrec.data.deftrec_folder import read_deftrec_folder
-from deftrec.data.layout import Chunk, check_file, count_lines, plan_chunks, plan_layout
+from deftrec.data.layout import Chunk, check_file, plan_chunks, plan_layout
 from deftrec.data.readers import InputError, empty_valid
+from deftrec.data.records import scan_range
 
 DEFTREC_FILES = ("train.txt", "test.txt", "item_list.txt", "user_list.txt")
+MAX_CHUNK_BYTES = 1 << 30  # a range's lines are one Arrow array with 32-bit offsets
 
 
 @dataclasses.dataclass
@@ -39,24 +47,54 @@ class ReadResult:
     catalog: Optional[RawCatalog]
     user_ids: dict  # log user key -> original user id (deftrec format only)
     inputs: list[str]  # every file read, for the manifest's checksums
+    skipped: dict = dataclasses.field(default_factory=dict)  # path -> why a file in an input folder was not read
 
 
-def _inputs(cfg: PreprocessConfig) -> list[str]:
-    paths = []
+def _skip_reason(name: str) -> Optional[str]:
+    if name.startswith("_"):
+        return "name starts with '_' (marker or metadata)"
+    if name.startswith("."):
+        return "hidden (name starts with '.')"
+    return None
+
+
+def _walk_folder(folder: str, skipped: dict) -> list[str]:
+    """Data files below ``folder``, sub-folders included, in sorted relative-path order."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for d in list(dirs):
+            reason = _skip_reason(d)
+            if reason:
+                skipped[os.path.join(root, d) + os.sep] = reason
+                dirs.remove(d)  # os.walk does not descend into removed names
+        for name in files:
+            path = os.path.join(root, name)
+            reason = _skip_reason(name) or (None if os.path.getsize(path) else "empty file")
+            if reason:
+                skipped[path] = reason
+            else:
+                found.append(path)
+    return sorted(found, key=lambda x: Path(x).relative_to(folder).parts)
+
+
+def find_inputs(cfg: PreprocessConfig) -> tuple[list[str], dict]:
+    """The input files, folders expanded -> (paths, skipped path -> reason)."""
+    paths, skipped = [], {}
     for p in cfg.input:
         if cfg.format != "deftrec" and os.path.isdir(p):
-            found = sorted(str(x) for x in Path(p).iterdir() if x.is_file() and not x.name.startswith("."))
+            found = _walk_folder(p, skipped)
             if not found:
-                raise InputError(f"{p}: folder has no files")
+                raise InputError(f"{p}: folder has no data files"
+                                 + (f" ({len(skipped)} skipped, e.g. {next(iter(skipped))})" if skipped else ""))
             paths.extend(found)
         else:
             paths.append(p)
-    return paths
+    return paths, dict(sorted(skipped.items()))
 
 
 def resolve_inputs(cfg: PreprocessConfig) -> list[str]:
     """The input files (folders expanded), each checked; raise InputError naming the first bad one."""
-    paths = _inputs(cfg) if cfg.format != "deftrec" else [cfg.input[0]]
+    paths = find_inputs(cfg)[0] if cfg.format != "deftrec" else [cfg.input[0]]
     for p in paths:
         if cfg.format == "deftrec":
             if not os.path.isdir(p):
@@ -72,6 +110,31 @@ def bucket_count(cfg: PreprocessConfig, paths: list[str]) -> int:
     return cfg.num_buckets or max(1, min(256, -(-total_bytes // (256 << 20))))
 
 
+def scan_args(cfg: PreprocessConfig, c: Chunk) -> tuple:
+    """Arguments of ``records.scan_range`` for a chunk (CSV quoting only for one-character delimiters)."""
+    delim = cfg.delimiter if cfg.format != "jsonl" and len(cfg.delimiter) == 1 else None
+    return c.layout.path, c.start, c.end, 0, cfg.encoding, delim
+
+
+def number_chunks(chunks: list[Chunk], scans: list[dict]) -> None:
+    """Absolute line numbers and, for CSV quoting, each range's start state (see deftrec.data.records):
+    the ranges of a file, scanned in parallel, are chained in order here."""
+    line, in_quote, opened = {}, {}, {}
+    for c, r in zip(chunks, scans):
+        path = c.layout.path
+        c.first_line = line.get(path, c.layout.first_line)
+        c.start_in_quote = in_quote.get(path, False)
+        end_in, open_line = r["in" if c.start_in_quote else "out"]
+        if end_in and open_line is not None:
+            opened[path] = c.first_line + open_line
+        in_quote[path] = end_in
+        line[path] = c.first_line + r["lines"]
+    for path, still_open in in_quote.items():
+        if still_open:
+            raise InputError(f"{path}: line {opened.get(path, '?')}: a quoted field opened on this line is never "
+                             f"closed (the file ends inside quotes)")
+
+
 def _parse_stage(cfg, paths, catalog_ids, num_buckets, work: Path, reject_dir: Path, log) -> list[dict]:
     """Ray Data: chunked read + validation -> user-bucketed Parquet; rejects and stats as side files."""
     import ray
@@ -80,18 +143,13 @@ def _parse_stage(cfg, paths, catalog_ids, num_buckets, work: Path, reject_dir: P
     # At least ~2 read tasks per CPU so small clusters stay busy; never above chunk_mb.
     total = sum(os.path.getsize(p) for p in paths)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    chunk_bytes = max(1, int(min(cfg.chunk_mb * (1 << 20), max(4 << 20, total / (2 * cpus)))))
+    chunk_bytes = max(1, int(min(cfg.chunk_mb * (1 << 20), max(4 << 20, total / (2 * cpus)), MAX_CHUNK_BYTES)))
     chunks: list[Chunk] = []
     for lay in layouts:
         chunks.extend(plan_chunks(lay, chunk_bytes, cfg.format))
     if cfg.format != "parquet":
-        # Absolute line numbers: count lines of every range in parallel.
-        counter = ray.remote(num_cpus=1)(count_lines)
-        counts = ray.get([counter.remote(c.layout.path, c.start, c.end) for c in chunks])
-        line = {}
-        for c, n in zip(chunks, counts):
-            c.first_line = line.get(c.layout.path, c.layout.first_line)
-            line[c.layout.path] = c.first_line + n
+        scan = ray.remote(num_cpus=1)(scan_range)
+        number_chunks(chunks, ray.get([scan.remote(*scan_args(cfg, c)) for c in chunks]))
     log(f"[preprocess] read: {len(paths)} file(s), {len(chunks)} chunk(s), {num_buckets} user bucket(s)")
     stats_dir = work / "stats"
     stats_dir.mkdir(parents=True)
@@ -140,9 +198,12 @@ def _read_files(cfg: PreprocessConfig, paths: list[str], num_buckets: int, work:
         if catalog.rejects.num_rows:
             pq.write_table(catalog.rejects, reject_dir / "catalog.parquet")
     cat_ids = catalog.table.column("key").combine_chunks() if catalog else None
+    skipped = find_inputs(cfg)[1]
+    for path, why in skipped.items():
+        log(f"[preprocess] skipped {path}: {why}")
     chunk_stats = _parse_stage(cfg, paths, cat_ids, num_buckets, work, reject_dir, log)
     inputs = paths + ([cfg.items] if cfg.items else [])
-    return ReadResult(chunk_stats, catalog, {}, inputs)
+    return ReadResult(chunk_stats, catalog, {}, inputs, skipped)
 
 
 def read_inputs(cfg: PreprocessConfig, paths: list[str], num_buckets: int, work: Path, reject_dir: Path,

@@ -1,21 +1,27 @@
 """File layout and chunk planning (driver side: reads file heads only).
 
 This module owns what the driver learns before any row is parsed: the input file checks, the
-resolution of configured columns against a file's header (``FileLayout``), the split of a file
-into byte ranges aligned to line starts or Parquet row groups (``Chunk``), and the line counting
-that turns those ranges into absolute line numbers.
+resolution of configured columns against a file's header (``FileLayout``) and the split of a file
+into byte ranges aligned to line starts or Parquet row groups (``Chunk``).
+
+File-level rules (each an ``InputError`` naming the file): a header (or Parquet schema) that
+names a column twice; a configured Parquet column that is not a scalar (list, struct, map...);
+a header that opens a quoted field it does not close. A UTF-8 byte order mark before the header
+is ignored.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
+from collections import Counter
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deftrec.config.data import PreprocessConfig
 from deftrec.data.readers import InputError
+from deftrec.data.records import ends_in_quote, parse_record, read_continuation
 
 
 @dataclasses.dataclass
@@ -36,6 +42,8 @@ class Chunk:
     start: int  # byte range [start, end) or row group index for parquet
     end: int
     first_line: int = 0  # filled after line counting
+    start_in_quote: bool = False  # CSV: the range starts inside a quoted field opened before it
+    rows: int = 0  # parquet: rows of the row group
 
 
 def check_file(path: str) -> None:
@@ -47,7 +55,8 @@ def check_file(path: str) -> None:
         raise InputError(f"{path}: file is empty")
 
 
-def _read_first_line(path: str, encoding: str) -> tuple[str, int]:
+def _read_first_line(path: str, encoding: str) -> tuple[str, int, int]:
+    """-> (line 1 without EOL or byte order mark, its bytes, the byte order mark's bytes)."""
     with open(path, "rb") as f:
         raw = f.readline()
     try:
@@ -55,13 +64,42 @@ def _read_first_line(path: str, encoding: str) -> tuple[str, int]:
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: line 1: header is not valid {encoding} (byte {e.start}); "
                          f"pass --encoding if the file uses another encoding") from None
-    return text.rstrip("\r\n"), len(raw)
+    bom = len(b"\xef\xbb\xbf") if text.startswith("\ufeff") and raw.startswith(b"\xef\xbb\xbf") else 0
+    return text.rstrip("\r\n").lstrip("\ufeff"), len(raw), bom
 
 
-def _split_header(text: str, delim: str) -> list[str]:
+def _split_header(path: str, text: str, delim: str) -> list[str]:
     if len(delim) == 1:
-        return [c.strip() for c in next(csv.reader([text], delimiter=delim))]
+        row = parse_record(text, delim)
+        if row is None:
+            raise InputError(f"{path}: line 1: not a readable CSV record")
+        return [c.strip() for c in row]
     return [c.strip().strip('"') for c in text.split(delim)]
+
+
+def check_unique_names(path: str, names: list[str], where: str = "line 1 (header)") -> None:
+    """A column named twice would silently read the first one: refuse the file instead."""
+    dup = [n for n, k in Counter(names).items() if k > 1 and n != ""]
+    if dup:
+        raise InputError(f"{path}: {where}: column {dup[0]!r} appears {names.count(dup[0])} times; "
+                         f"column names must be unique")
+
+
+def is_scalar_type(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    checks = ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view",
+              "is_fixed_size_binary", "is_integer", "is_floating", "is_decimal", "is_boolean", "is_timestamp",
+              "is_date", "is_null")
+    return any(getattr(pa.types, c, lambda _: False)(t) for c in checks)
+
+
+def check_scalar_columns(path: str, schema: pa.Schema, roles: dict) -> None:
+    for role, name in roles.items():
+        t = schema.field(name).type
+        if not is_scalar_type(t):
+            raise InputError(f"{path}: column {name!r} ({role}) has type {t}; expected a string, number, boolean, "
+                             f"timestamp or date column (one value per row)")
 
 
 def plan_layout(cfg: PreprocessConfig, path: str, file_idx: int) -> FileLayout:
@@ -79,14 +117,23 @@ def plan_layout(cfg: PreprocessConfig, path: str, file_idx: int) -> FileLayout:
         missing = {r: c for r, c in roles.items() if c not in schema.names}
         if missing:
             raise InputError(f"{path}: missing column(s) {_fmt_missing(missing)}; the file has {schema.names}")
+        check_unique_names(path, schema.names, "schema")
+        check_scalar_columns(path, schema, roles)
         return FileLayout(path, file_idx, 0, roles, 0, 1)
     if cfg.format == "jsonl":
         return FileLayout(path, file_idx, 0, roles, 0, 1)
-    first, nbytes = _read_first_line(path, cfg.encoding)
+    first, nbytes, bom = _read_first_line(path, cfg.encoding)
     if not first.strip():
         raise InputError(f"{path}: line 1 is empty; expected {'a header' if cfg.header else 'data'}")
-    fields = _split_header(first, cfg.delimiter)
+    if len(cfg.delimiter) == 1 and ends_in_quote(first, cfg.delimiter, False):
+        if cfg.header:
+            raise InputError(f"{path}: line 1: a quoted field is not closed on the line (a header cannot span lines)")
+        # without a header the first record is data, and a data record may span lines: count its fields
+        more, _, _ = read_continuation(path, nbytes, cfg.encoding, cfg.delimiter)
+        first = "\n".join([first, *more])
+    fields = _split_header(path, first, cfg.delimiter)
     if cfg.header:
+        check_unique_names(path, fields)
         positions = {}
         missing = {}
         for role, name in roles.items():
@@ -109,7 +156,7 @@ def plan_layout(cfg: PreprocessConfig, path: str, file_idx: int) -> FileLayout:
             raise InputError(f"{path}: line 1 has {len(fields)} fields; column {role} at position {name} "
                              f"does not exist")
         positions[role] = int(name)
-    return FileLayout(path, file_idx, len(fields), positions, 0, 1)
+    return FileLayout(path, file_idx, len(fields), positions, bom, 1)
 
 
 def _fmt_missing(missing: dict) -> str:
@@ -122,7 +169,7 @@ def plan_chunks(layout: FileLayout, chunk_bytes: int, fmt: str) -> list[Chunk]:
         md = pq.ParquetFile(layout.path).metadata
         chunks, row = [], 0
         for rg in range(md.num_row_groups):
-            chunks.append(Chunk(layout, rg, rg + 1, first_line=row + 1))
+            chunks.append(Chunk(layout, rg, rg + 1, first_line=row + 1, rows=md.row_group(rg).num_rows))
             row += md.row_group(rg).num_rows
         return chunks
     size = os.path.getsize(layout.path)
@@ -139,20 +186,3 @@ def plan_chunks(layout: FileLayout, chunk_bytes: int, fmt: str) -> list[Chunk]:
             pos += chunk_bytes
     bounds.append(size)
     return [Chunk(layout, s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-
-
-def count_lines(path: str, start: int, end: int) -> int:
-    """Number of lines in a byte range (a last line without newline counts)."""
-    n = 0
-    last = b"\n"
-    with open(path, "rb") as f:
-        f.seek(start)
-        remaining = end - start
-        while remaining > 0:
-            buf = f.read(min(remaining, 1 << 24))
-            if not buf:
-                break
-            n += buf.count(b"\n")
-            last = buf[-1:]
-            remaining -= len(buf)
-    return n + (0 if last == b"\n" else 1)

@@ -128,7 +128,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] = print) ->
         log(f"[preprocess] emit: {split_rows['sequences']:,} users, {len(ids.items_table):,} items, "
             f"{split_rows['interactions']:,} interactions ({timings['emit']:.1f}s)")
         outcome = Outcome(removed, split_rows, len(ids.items_table), len(ids.used_items), cored.rounds)
-        manifest = build_manifest(cfg, result.inputs, read, outcome, num_buckets, timings)
+        manifest = build_manifest(cfg, result.inputs, read, outcome, num_buckets, timings, result.skipped)
         manifest["fingerprint"] = fingerprint
         check_accounting(read, outcome)
         manifest = finish_manifest(tmp, manifest)

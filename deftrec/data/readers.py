@@ -8,9 +8,16 @@ encoding. Per chunk a reader yields two tables:
 - rejected rows: ``file``, ``line``, ``field``, ``reason``, ``raw`` (the original line).
 
 The readers themselves live beside it: file layout and chunk planning in ``deftrec.data.layout``,
-typed field validation in ``deftrec.data.validation``, the text/JSONL/Parquet chunk parsers in
-``deftrec.data.chunks``, item catalogs in ``deftrec.data.catalog`` and the published sequence
-folders in ``deftrec.data.deftrec_folder``.
+lines and (quoted, possibly multi-line) CSV records in ``deftrec.data.records``, typed field
+validation and the value rules in ``deftrec.data.validation``, the text/JSONL/Parquet chunk
+parsers in ``deftrec.data.chunks``, item catalogs in ``deftrec.data.catalog`` and the published
+sequence folders in ``deftrec.data.deftrec_folder``. Folder inputs are expanded in
+``deftrec.data.ingest``.
+
+The contract they all keep: no content of a row makes a reader raise. A bad row is a reject
+with file, line, field and reason; a problem that no row can carry (missing or empty file, a
+column that is absent, named twice or not a scalar, a file ending inside quotes, a catalog
+without titles) is an ``InputError`` naming the file (exit code 2 in the CLI).
 """
 
 from __future__ import annotations

@@ -4,6 +4,19 @@ This module owns the vectorised checks that turn string fields into typed intera
 timestamp and rating parsers, the per-row first-failing-reason bookkeeping (``Rejects``), the
 deterministic user hash that assigns each row its ``_bucket``, and ``validate_fields``, which
 builds the valid-row and reject tables of one chunk.
+
+Value rules (the same for every input format, text or typed Parquet columns):
+
+- Timestamps are stored as whole seconds since 1970-01-01 UTC (int64). ``unix`` and ``auto``
+  read numbers as seconds, ``unix_ms`` as milliseconds (floored to seconds, like decimal
+  seconds; ties keep input order); ISO dates and Parquet timestamp/date columns are converted.
+  A number that does not fit int64 in its unit (``99999999999999999999``, ``1e30``) is a
+  rejected row, reason ``timestamp out of range (does not fit int64)``; a negative timestamp
+  (before 1970) is a rejected row too, reason ``negative timestamp (before 1970-01-01)``.
+  Nothing wraps or is clamped.
+- Ratings are finite float64 or empty (null). ``nan``, ``inf`` and numbers that overflow to
+  infinity (``1e999``) are rejected rows, reason ``rating is not a finite number``, whatever
+  else is in the chunk.
 """
 
 from __future__ import annotations
@@ -19,18 +32,25 @@ from deftrec.data.readers import ORD_SHIFT, VALID_SCHEMA, reject_table
 
 _INT_RE = r"^[+-]?\d+$"
 _FLOAT_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+_NONFINITE_RE = r"(?i)^[+-]?(nan|inf|infinity)$"
 _TS_FORMATS = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d")
+_INT64_MAX = "9223372036854775807"
+_TWO_63 = 2.0 ** 63
 
 
 def hash_strings(arr: pa.Array) -> np.ndarray:
     """Deterministic 64-bit polynomial hash of each string (platform- and process-independent)."""
-    arr = pc.cast(arr, pa.string())
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    if not pa.types.is_large_string(arr.type):
+        arr = pc.cast(arr, pa.string())
     n = len(arr)
     if n == 0:
         return np.zeros(0, np.uint64)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=n + 1, offset=arr.offset * 4).astype(np.int64)
+    # large_string (64-bit offsets) too, so an array past 2 GiB of text hashes instead of overflowing
+    width = 8 if pa.types.is_large_string(arr.type) else 4
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64 if width == 8 else np.int32, count=n + 1,
+                            offset=arr.offset * width).astype(np.int64)
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
     start, stop = offsets[0], offsets[-1]
     body = data[start:stop].astype(np.uint64)
@@ -70,55 +90,125 @@ def clean_field(arr: pa.Array) -> pa.Array:
     return pc.utf8_trim(arr, characters=' \t\r"')
 
 
-def parse_timestamps(arr: pa.Array, fmt: str) -> tuple[np.ndarray, np.ndarray]:
-    """-> (int64 values, ok mask). 'auto' accepts integers, decimals (floored) and ISO dates."""
+def _parse_int_strings(s: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Strings matched by ``_INT_RE`` -> (int64 values, fits-int64 mask). Never raises on overflow."""
+    negative = pc.starts_with(s, "-").to_numpy(zero_copy_only=False)
+    digits = pc.utf8_ltrim(pc.utf8_ltrim(s, characters="+-"), characters="0")  # the pattern allows one sign
+    n = pc.utf8_length(digits).to_numpy(zero_copy_only=False)
+    # equal-length digit strings compare like the numbers they spell
+    fits = (n < 19) | ((n == 19) & pc.fill_null(pc.less_equal(digits, _INT64_MAX), False).to_numpy(
+        zero_copy_only=False))
+    values = np.zeros(len(s), np.int64)
+    if fits.any():
+        body = pc.if_else(pc.equal(digits, ""), "0", digits).filter(pa.array(fits))
+        v = pc.cast(body, pa.int64()).to_numpy(zero_copy_only=False)
+        values[fits] = np.where(negative[fits], -v, v)
+    return values, fits
+
+
+def parse_timestamps(arr: pa.Array, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (int64 seconds, unparseable mask, out-of-range mask); see the module docstring for the rules.
+
+    'auto' accepts integers, decimals (floored) and ISO dates; 'unix' numbers only (seconds);
+    'unix_ms' numbers only (milliseconds); anything else is a strptime format."""
     arr = pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))
     n = len(arr)
     values = np.zeros(n, np.int64)
-    ok = np.zeros(n, bool)
+    parsed = np.zeros(n, bool)
+    out_of_range = np.zeros(n, bool)
     if fmt in ("auto", "unix", "unix_ms"):
-        try:  # fast path: every value is an integer
-            return pc.cast(arr, pa.int64()).to_numpy(zero_copy_only=False), np.ones(n, bool)
+        per_second = 1000 if fmt == "unix_ms" else 1
+        try:  # fast path: every value is an integer that fits int64
+            v = pc.cast(arr, pa.int64()).to_numpy(zero_copy_only=False)
+            return v // per_second, np.zeros(n, bool), np.zeros(n, bool)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
         is_int = pc.fill_null(pc.match_substring_regex(arr, _INT_RE), False).to_numpy(zero_copy_only=False)
         if is_int.any():
-            values[is_int] = pc.cast(pc.filter(arr, pa.array(is_int)), pa.int64()).to_numpy()
-            ok |= is_int
-        is_float = ~ok & pc.fill_null(pc.match_substring_regex(arr, _FLOAT_RE), False).to_numpy(zero_copy_only=False)
+            idx = np.flatnonzero(is_int)
+            v, fits = _parse_int_strings(pc.filter(arr, pa.array(is_int)))
+            values[idx[fits]] = v[fits] // per_second
+            out_of_range[idx[~fits]] = True
+            parsed[idx] = True
+        is_float = ~parsed & pc.fill_null(pc.match_substring_regex(arr, _FLOAT_RE), False).to_numpy(
+            zero_copy_only=False)
         if is_float.any():
-            values[is_float] = np.floor(pc.cast(pc.filter(arr, pa.array(is_float)), pa.float64()).to_numpy()).astype(np.int64)
-            ok |= is_float
+            idx = np.flatnonzero(is_float)
+            f = pc.cast(pc.filter(arr, pa.array(is_float)), pa.float64()).to_numpy(zero_copy_only=False)
+            # range is checked in the input's unit, before flooring: 1e30 or 1e400 never wraps
+            fits = np.isfinite(f) & (f > -_TWO_63) & (f < _TWO_63)
+            values[idx[fits]] = np.floor(f[fits] / per_second).astype(np.int64)
+            out_of_range[idx[~fits]] = True
+            parsed[idx] = True
         formats = _TS_FORMATS if fmt == "auto" else ()
     else:
         formats = (fmt,)
     for f in formats:
-        todo = ~ok
+        todo = ~parsed
         if not todo.any():
             break
         sub = pc.filter(arr, pa.array(todo))
-        parsed = pc.strptime(sub, format=f, unit="s", error_is_null=True)
-        good = pc.is_valid(parsed).to_numpy(zero_copy_only=False)
+        res = pc.strptime(sub, format=f, unit="s", error_is_null=True)
+        good = pc.is_valid(res).to_numpy(zero_copy_only=False)
         idx = np.flatnonzero(todo)
-        values[idx[good]] = pc.cast(pc.filter(parsed, good), pa.int64()).to_numpy()
-        ok[idx[good]] = True
-    return values, ok
+        values[idx[good]] = pc.cast(pc.filter(res, good), pa.int64()).to_numpy()
+        parsed[idx[good]] = True
+    return values, ~parsed, out_of_range
 
 
 def parse_ratings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> (float64 values, null mask for empty fields, ok mask)."""
+    """-> (float64 values, null mask for empty fields, parseable mask). Parseable values may be
+    non-finite (``nan``, ``inf``, ``1e999``): the caller rejects those, whichever path parsed them."""
     arr = pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))
     empty = pc.fill_null(pc.equal(arr, ""), True).to_numpy(zero_copy_only=False)
     if not empty.any():
-        try:  # fast path: every value is a number
+        try:  # fast path: every value is a number (Arrow also reads nan/inf words here)
             return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), empty, np.ones(len(arr), bool)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
-    is_num = pc.fill_null(pc.match_substring_regex(arr, _FLOAT_RE), False).to_numpy(zero_copy_only=False)
+    # the slow path admits the same nan/inf words as the fast one, so the reason does not depend on the chunk
+    is_num = pc.or_(pc.match_substring_regex(arr, _FLOAT_RE), pc.match_substring_regex(arr, _NONFINITE_RE))
+    is_num = pc.fill_null(is_num, False).to_numpy(zero_copy_only=False)
     values = np.full(len(arr), np.nan)
     if is_num.any():
         values[is_num] = pc.cast(pc.filter(arr, pa.array(is_num)), pa.float64()).to_numpy()
     return values, empty, is_num | empty
+
+
+_SECONDS_PER = {"s": 1, "ms": 10 ** 3, "us": 10 ** 6, "ns": 10 ** 9}
+
+
+def column_strings(arr) -> tuple[pa.Array, np.ndarray, bool]:
+    """A typed column (Parquet) -> (string fields with nulls as "", invalid-UTF-8 mask, was temporal).
+
+    Timestamp and date columns become whole seconds (floored, so sub-second values never fail a
+    cast); binary columns are decoded as UTF-8, undecodable values flagged rather than raised."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    invalid = np.zeros(len(arr), bool)
+    if pa.types.is_date(arr.type):
+        arr = pc.cast(arr, pa.timestamp("ms"))
+    if pa.types.is_timestamp(arr.type):
+        ints = pc.cast(arr, pa.int64())
+        nulls = ints.is_null().to_numpy(zero_copy_only=False)
+        secs = pc.fill_null(ints, 0).to_numpy(zero_copy_only=False) // _SECONDS_PER[arr.type.unit]
+        return pc.fill_null(pc.cast(pa.array(secs, pa.int64(), mask=nulls), pa.string()), ""), invalid, True
+    if pa.types.is_fixed_size_binary(arr.type):
+        arr = pc.cast(arr, pa.binary())
+    try:
+        out = pc.cast(arr, pa.string())
+    except pa.ArrowInvalid:  # binary values that are not UTF-8: decode one by one
+        vals = []
+        for i, b in enumerate(arr.to_pylist()):
+            try:
+                vals.append(None if b is None else b.decode("utf-8"))
+            except UnicodeDecodeError:
+                invalid[i] = True
+                vals.append(b.decode("utf-8", errors="backslashreplace"))
+        out = pa.array(vals, pa.string())
+    return pc.fill_null(out, ""), invalid, False
 
 
 class Rejects:
@@ -140,21 +230,25 @@ class Rejects:
 
 def validate_fields(path: str, file_idx: int, lines: np.ndarray, raw: pa.Array, fields: dict,
                     cfg: PreprocessConfig, catalog_ids: Optional[pa.Array], rej: Rejects,
-                    num_buckets: int) -> tuple[pa.Table, pa.Table]:
-    """Typed validation shared by all row formats. ``fields`` maps role -> string array (nullable)."""
+                    num_buckets: int, timestamp_format: Optional[str] = None) -> tuple[pa.Table, pa.Table]:
+    """Typed validation shared by all row formats. ``fields`` maps role -> string array (nullable).
+    ``timestamp_format`` overrides the configured one (Parquet timestamp columns arrive as seconds)."""
     cols = cfg.columns
     user = fields["user"]
     item = fields["item"]
     rej.mark(pc.fill_null(pc.equal(user, ""), True).to_numpy(zero_copy_only=False), "missing user id", cols.user)
     rej.mark(pc.fill_null(pc.equal(item, ""), True).to_numpy(zero_copy_only=False), "missing item id", cols.item)
-    ts, ts_ok = parse_timestamps(fields["timestamp"], cfg.timestamp_format)
+    ts, ts_bad, ts_out_of_range = parse_timestamps(fields["timestamp"], timestamp_format or cfg.timestamp_format)
     ts_missing = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(pc.cast(fields["timestamp"], pa.string())), ""),
                               True).to_numpy(zero_copy_only=False)
     rej.mark(ts_missing, "missing timestamp", cols.timestamp)
-    rej.mark(~ts_ok, "unparseable timestamp", cols.timestamp)
+    rej.mark(ts_bad, "unparseable timestamp", cols.timestamp)
+    rej.mark(ts_out_of_range, "timestamp out of range (does not fit int64)", cols.timestamp)
+    rej.mark(~ts_bad & ~ts_out_of_range & (ts < 0), "negative timestamp (before 1970-01-01)", cols.timestamp)
     if "rating" in fields:
         rating, rating_null, rating_ok = parse_ratings(fields["rating"])
         rej.mark(~rating_ok, "unparseable rating", cols.rating)
+        rej.mark(rating_ok & ~rating_null & ~np.isfinite(rating), "rating is not a finite number", cols.rating)
     else:
         rating = np.full(len(user), np.nan)
         rating_null = np.ones(len(user), bool)
