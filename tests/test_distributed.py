@@ -295,6 +295,8 @@ def test_killed_worker_resumes_from_latest_checkpoint(run_dir, tmp_path):
     assert latest.step == 8 and latest.done and latest.attempts == 2 and latest.world_size == 2
     assert [v["step"] for v in latest.validations] == [4, 8]
     assert st.best_step in (4, 8)
+    scores = [v["history_excluded"]["ndcg@10"] for v in latest.validations]
+    assert latest.lr_decays == int(scores[1] <= scores[0])  # train.plateau_decay's count is checkpointed
     assert res.metrics["step"] == 8 and res.metrics["world_size"] == 2 and res.metrics["samples_per_s"] > 0
     # the exported model loads without DeepSpeed and reproduces the best checkpoint's validation
     _check_export_matches_checkpoint(run_dir, res)

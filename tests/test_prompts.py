@@ -91,6 +91,15 @@ def test_prompts_without_titles_hold_the_continuous_tokens_only():
     assert render_response("Air", "Electronic", cfg) == "The user may prefer (Electronic) music."
 
 
+def test_prompts_without_item_markers_hold_the_bare_placeholders():
+    """item_markers=false: each item is its K placeholders, nothing else (K tokens instead of K + 4)."""
+    bare = PromptConfig(domain="music", K=2, max_title_chars=0, item_markers=False)
+    assert render_history_item("Air", bare) == "<collab_0><collab_1>"
+    assert "History:<collab_0><collab_1><collab_0><collab_1>\n" in render_prompt(["Air", "Morcheeba"], bare)
+    titled = PromptConfig(domain="music", K=2, max_title_chars=3, item_markers=False)
+    assert render_history_item("Morcheeba", titled) == " Mor<collab_0><collab_1>"
+
+
 def test_title_cleaning_and_truncation():
     assert clean_title("abcdefghij", 5) == "abcde"
     assert clean_title("  Zero 7 <collab_1>\n live </diff>", 40) == "Zero 7 live"
@@ -151,10 +160,10 @@ def _reference_slots(input_ids, attention_mask, slot_ids, entity_offsets):
     return out
 
 
-@pytest.mark.parametrize("combine_sum", [False, True])
-def test_training_batch_labels_and_bookkeeping(tok_ph, combine_sum):
+@pytest.mark.parametrize("combine_sum,item_markers", [(False, True), (True, True), (False, False)])
+def test_training_batch_labels_and_bookkeeping(tok_ph, combine_sum, item_markers):
     tokenizer, ph, _ = tok_ph
-    cfg = PromptConfig(domain="music", K=3, combine_sum=combine_sum, max_history=20)
+    cfg = PromptConfig(domain="music", K=3, combine_sum=combine_sum, max_history=20, item_markers=item_markers)
     batch = build_training_batch(tokenizer, ph, HISTORIES, TARGETS, CATEGORIES, cfg, histories_items=HISTORY_ITEMS)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -171,6 +171,9 @@ class PromptConfig:
     holds the continuous tokens only: the shortest prompt, for from-scratch LLMs).
     ``K``: continuous tokens per item (tokenizer branches); with ``combine_sum`` the branches are summed into
     one token, so each item gets a single placeholder ``<collab_0>``. ``user_tokens`` adds a user slot.
+    ``item_markers``: True (the method) wraps each history item's placeholders in ``<diff>..</diff>``
+    followed by a comma; False writes them bare, one after the other (K tokens per item instead of
+    K + 4: a 2-3x shorter prompt without titles, which a from-scratch LLM reads faster and no worse).
     """
 
     domain: str = "product"
@@ -179,6 +182,7 @@ class PromptConfig:
     max_history: int = 20
     user_tokens: bool = False
     combine_sum: bool = False
+    item_markers: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.domain, str) or not self.domain.strip():
@@ -189,6 +193,8 @@ class PromptConfig:
             raise ValueError(f"PromptConfig.max_title_chars must be >= 0 (0: no titles), got {self.max_title_chars}")
         if self.max_history < 1:
             raise ValueError(f"PromptConfig.max_history must be >= 1, got {self.max_history}")
+        if not isinstance(self.item_markers, bool):
+            raise ValueError(f"prompt.item_markers must be true or false, got {self.item_markers!r}")
 
     @property
     def slots(self) -> int:

@@ -122,7 +122,10 @@ def _slot_text(cfg: PromptConfig, placeholder) -> str:
 
 def render_history_item(title: str, cfg: PromptConfig) -> str:
     """`` {title} <diff><collab_0>..<collab_{S-1}></diff>,`` with S = ``cfg.slots`` (no title when
-    ``cfg.max_title_chars`` is 0)."""
+    ``cfg.max_title_chars`` is 0; without ``cfg.item_markers``: `` {title}<collab_0>..<collab_{S-1}>``)."""
+    if not cfg.item_markers:
+        bare = "".join(item_placeholder(k) for k in range(cfg.slots))
+        return bare if cfg.max_title_chars == 0 else f" {clean_title(title, cfg.max_title_chars)}{bare}"
     if cfg.max_title_chars == 0:
         return f" {_slot_text(cfg, item_placeholder)},"
     return f" {clean_title(title, cfg.max_title_chars)} {_slot_text(cfg, item_placeholder)},"
