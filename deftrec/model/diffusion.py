@@ -305,7 +305,7 @@ class DiffusionHead(nn.Module):
         drop = None
         if self.training and self.cfg.cond_dropout > 0:
             drop = draw_rand((B,), param.device, generator) < self.cfg.cond_dropout
-        pred = self.denoiser(x_T, cond.to(param.dtype), t, drop)
+        pred = self.denoiser(x_T, cond.to(device=param.device, dtype=param.dtype), t, drop)
         return pred if self.cfg.prediction == "x0" else self.schedule.predict_x0(x_T, t, pred)
 
     # -- inference
@@ -315,11 +315,7 @@ class DiffusionHead(nn.Module):
         was_training = self.denoiser.training
         self.denoiser.eval()
         try:
-            param = next(self.denoiser.parameters())
-            cond = cond.to(device=param.device, dtype=param.dtype)
-            t = torch.full((cond.shape[0],), self.cfg.T - 1, dtype=torch.long, device=param.device)
-            return self.denoiser(torch.zeros(cond.shape[0], self.cfg.d_c, device=param.device, dtype=param.dtype),
-                                 cond, t)
+            return self.generated_x0(cond)
         finally:
             self.denoiser.train(was_training)
 
