@@ -1,8 +1,10 @@
 """What every entry point shares: the common flags, console/log-file setup and the error tail.
 
-Each ``pipelines.<stage>`` module is argparse -> config -> one library call inside :func:`run`:
-a bad config, input or artifact ends the command with its message on stderr and exit code 2
-(no traceback); anything else is a bug and keeps its traceback.
+Each ``pipelines.<stage>`` module is argparse -> config -> one library call inside :func:`run`.
+A :class:`~deftrec.core.errors.UserError` (a bad config value, input file or artifact:
+``ConfigError``, ``InputError``, ``ArtifactError`` and their subclasses) ends the command with
+its message as one ``error:`` line on stderr and exit code 2, no traceback. Anything else, a plain
+``ValueError`` included, is a bug: it propagates with its traceback (Python's exit code 1).
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from deftrec.core.artifacts import ArtifactError
-from deftrec.core.config import ConfigError
 from deftrec.core.console import configure_console
-from deftrec.data.readers import InputError
+from deftrec.core.errors import UserError
 
-#: Errors that are the user's to fix: printed as one line, exit code 2.
-USER_ERRORS = (ConfigError, InputError, ArtifactError, ValueError)
+#: Errors that are the user's to fix: printed as one line, exit code 2. Only the user-error types:
+#: a ValueError from a failed internal check is a bug and must keep its traceback.
+USER_ERRORS = (UserError,)
 
 
 def add_common_flags(p: argparse.ArgumentParser, run_dir: bool = True, config: bool = True) -> None:
@@ -57,7 +58,7 @@ def distributed_overrides(a: argparse.Namespace) -> list[str]:
 def run(a: argparse.Namespace, body: Callable[[], int | None], log_name: str) -> int:
     """Set up the console (Ray's logs at WARNING unless ``--verbose``; everything, Ray's INFO logs
     included, also in ``RUN_DIR/logs/<log_name>.log`` when the command has a run directory), run
-    ``body`` and turn user errors into exit code 2."""
+    ``body`` and turn user errors into exit code 2 (every other exception propagates)."""
     run_dir = getattr(a, "run_dir", None)
     log_file = Path(run_dir) / "logs" / f"{log_name}.log" if run_dir else None
     configure_console(verbose=getattr(a, "verbose", False), log_file=log_file)

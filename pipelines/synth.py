@@ -26,10 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def body() -> int:
+        from deftrec.core.config import from_dict
         from deftrec.data.synth import generate
 
-        cfg = SynthConfig(users=a.users, items=a.items, interactions=a.interactions,
-                          mean_length=a.mean_length, categories=a.categories, seed=a.seed)
+        # through from_dict: a bad flag value is a ConfigError (exit 2), not a bare ValueError
+        cfg = from_dict(SynthConfig, dict(users=a.users, items=a.items, interactions=a.interactions,
+                                          mean_length=a.mean_length, categories=a.categories, seed=a.seed), "synth")
         m = generate(cfg, a.out, overwrite=a.overwrite)
         print(f"[synth] wrote {m['rows']:,} interactions, {m['items']} items, {m['users']} users to {a.out}")
         return 0

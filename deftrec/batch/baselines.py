@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from deftrec.core.config import ConfigError
 from deftrec.retrieval.metrics import _flatten_histories, evaluate_in_chunks
 
 __all__ = [
@@ -213,8 +214,8 @@ class EASE(_Fitted):
 
     def fit(self, train_sequences: Sequence[Any], n_items: int) -> "EASE":
         n = _check_n_items(n_items)
-        if n > self.max_items:
-            raise ValueError(
+        if n > self.max_items:  # a catalog too large for a requested baseline: the user's choice
+            raise ConfigError(
                 f"EASE needs a dense {n} x {n} inverse ({8 * n * n / 2**30:.1f} GiB in float64); "
                 f"n_items={n} exceeds max_items={self.max_items}. Raise max_items if memory allows."
             )

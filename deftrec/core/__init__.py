@@ -1,1 +1,1 @@
-"""Leaf helpers that import no other project module: typed-config machinery, artifacts (atomic directories, manifests, checksums, the one fingerprint rule), caches, Ray connection, logging."""
+"""Leaf helpers that import nothing outside deftrec.core: the user-error base (errors), typed-config machinery, artifacts (atomic directories, manifests, checksums, the one fingerprint rule), caches, Ray connection, logging."""

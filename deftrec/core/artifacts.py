@@ -14,7 +14,7 @@ An input that is an artifact is identified by :func:`artifact_id` (its manifest'
 checksums); any other file or folder by :func:`input_id` (its content: every file's sha256,
 sub-folders included). The stage writes the fingerprint into its manifest and skips its work
 when :func:`up_to_date` finds a complete artifact carrying the same one. This module imports no
-other project module.
+other project module but :mod:`deftrec.core.errors`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from deftrec.core.errors import UserError
+
 MANIFEST = "manifest.json"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """An artifact is missing, incomplete or inconsistent."""
 
 

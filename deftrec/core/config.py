@@ -16,11 +16,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from deftrec.core.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or invalid."""
+class ConfigError(UserError, ValueError):
+    """A configuration value is missing, unknown or invalid (a ValueError too: the configs' own
+    ``__post_init__`` checks raise ValueError, and callers catch it)."""
 
 
 def _is_dataclass_type(tp) -> bool:

@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from deftrec.core.errors import UserError
+
 ORD_SHIFT = 40  # _ord = file_idx << 40 | line: 1e12 lines per file, 8M files
 
 VALID_SCHEMA = pa.schema([
@@ -38,7 +40,7 @@ REJECT_SCHEMA = pa.schema([
 ])
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad input that cannot be handled row by row (missing file, unknown column, ...)."""
 
 

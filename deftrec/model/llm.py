@@ -28,6 +28,7 @@ import torch
 from deftrec.config.components import WHEEL_SOURCES, LLMConfig
 from deftrec.core.artifacts import sha256_file
 from deftrec.core.cache import materialize_cache_dir
+from deftrec.core.config import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -241,7 +242,7 @@ def keep_first_layers(model: PreTrainedModel, n: int) -> None:
     keeps its token knowledge and lower layers at a fraction of the compute."""
     layers = model.get_decoder().layers
     if n > len(layers):
-        raise ValueError(f"llm.num_layers={n}, but the LLM has only {len(layers)} layers")
+        raise ConfigError(f"llm.num_layers={n}, but the LLM has only {len(layers)} layers")
     model.get_decoder().layers = torch.nn.ModuleList(list(layers)[:n])
     model.config.num_hidden_layers = n
     if getattr(model.config, "layer_types", None) is not None:
@@ -297,8 +298,8 @@ def apply_lora(model: PreTrainedModel, cfg: LLMConfig) -> PreTrainedModel:
     from peft import LoraConfig, get_peft_model
 
     targets = lora_target_modules(model)
-    if not targets:
-        raise ValueError(
+    if not targets:  # llm.name_or_path names an architecture LoRA cannot adapt here
+        raise ConfigError(
             f"no LoRA target found: the model has no nn.Linear named one of {_LORA_CANDIDATES} "
             f"({type(model).__name__})"
         )

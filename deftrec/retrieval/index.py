@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from deftrec.config.jobs import IndexConfig
+from deftrec.core.config import ConfigError
 
 INDEX_FILE = "items.faiss"
 
@@ -36,7 +37,7 @@ def _metric(cfg: IndexConfig):
 
 
 def build_index(keys: np.ndarray, cfg: IndexConfig, ids: Optional[np.ndarray] = None):
-    """Build and fill a FAISS index over ``keys`` [N, d] (float32). Raises ValueError on a bad factory."""
+    """Build and fill a FAISS index over ``keys`` [N, d] (float32). Raises ConfigError on a bad factory."""
     faiss = _faiss()
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     if keys.ndim != 2 or len(keys) == 0:
@@ -45,14 +46,14 @@ def build_index(keys: np.ndarray, cfg: IndexConfig, ids: Optional[np.ndarray] = 
     try:
         base = faiss.index_factory(d, cfg.factory, _metric(cfg))
     except RuntimeError as e:
-        raise ValueError(f"invalid FAISS factory string {cfg.factory!r} for dimension {d}: {e}") from None
+        raise ConfigError(f"invalid FAISS factory string {cfg.factory!r} for dimension {d}: {e}") from None
     if not base.is_trained:
         rng = np.random.default_rng(cfg.seed)
         sample = keys if n <= cfg.train_sample else keys[rng.choice(n, cfg.train_sample, replace=False)]
         try:
             base.train(sample)
         except RuntimeError as e:
-            raise ValueError(f"cannot train {cfg.factory!r} on {len(sample)} vectors: {e}") from None
+            raise ConfigError(f"cannot train {cfg.factory!r} on {len(sample)} vectors: {e}") from None
     index = faiss.IndexIDMap2(base)
     index.add_with_ids(keys, np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64))
     apply_search_params(index, cfg)

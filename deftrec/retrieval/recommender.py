@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from deftrec.config.model import InferenceConfig
+from deftrec.core.config import ConfigError
 from deftrec.model.deftrec import (
     DeftRec,
     _cache_kwarg,
@@ -76,7 +77,10 @@ def inference_overrides(cfg: InferenceConfig, sampler: str | None = None, steps:
         changes["steps"] = int(steps)
     if seed is not None:
         changes["seed"] = int(seed)
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    try:
+        return dataclasses.replace(cfg, **changes) if changes else cfg
+    except ValueError as e:  # __post_init__ refused the caller's settings (e.g. ddim without steps)
+        raise ConfigError(str(e)) from e
 
 
 def _exclusion_pairs(exclude: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -135,9 +139,9 @@ class DeftRecRecommender:
         self.cfg = cfg if cfg is not None else model.cfg.eval
         T = model.head.cfg.T
         if self.cfg.sampler == "ddim" and self.cfg.steps > T:
-            raise ValueError(f"eval.steps ({self.cfg.steps}) must be <= diffusion.T ({T})")
+            raise ConfigError(f"eval.steps ({self.cfg.steps}) must be <= diffusion.T ({T})")
         if self.cfg.guidance_w > 0 and model.head.cfg.cond_dropout == 0:
-            raise ValueError("guidance_w > 0 needs a model trained with diffusion.cond_dropout > 0")
+            raise ConfigError("guidance_w > 0 needs a model trained with diffusion.cond_dropout > 0")
         with torch.no_grad():
             self.exact = ExactSearch(model.retrieval_keys.detach(), self.cfg.score)
 

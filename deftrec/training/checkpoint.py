@@ -59,6 +59,11 @@ class CheckpointIntegrityError(ArtifactError):
     """A checkpoint file does not match the checksum recorded when it was written (or has none)."""
 
 
+class RunIdentityError(ArtifactError, ValueError):
+    """The run under this storage/name was trained with another config, data or collab artifact.
+    Still a ValueError, which :func:`check_run_identity` raised before it had its own type."""
+
+
 #: Metric the checkpoint manager ranks checkpoints by: validation NDCG@10 (primary protocol) on
 #: checkpoints taken right after a validation, -1 on the others (so they are dropped first; Ray
 #: always keeps the latest one for resume).
@@ -97,26 +102,26 @@ def run_inputs(data_dir: str | Path, collab_dir: str | Path) -> dict[str, str]:
 
 def check_run_identity(state: TrainerState, expected_fingerprint: str, expected_inputs: dict[str, str],
                        where: str | Path) -> None:
-    """Raise ValueError unless the run that wrote ``state`` (at ``where``) has this configuration
+    """Raise :class:`RunIdentityError` unless the run that wrote ``state`` (at ``where``) has this configuration
     and trained on these data and collab artifacts; the message names what changed.
 
     A checkpoint that records no input identities (written before they were recorded) is refused
     too: nothing tells whether it was trained on the same data.
     """
     if state.fingerprint != expected_fingerprint:
-        raise ValueError(f"{where} holds a run with a different configuration (fingerprint "
-                         f"{state.fingerprint} != {expected_fingerprint}): pass another run name (--name) "
-                         "or remove it")
+        raise RunIdentityError(f"{where} holds a run with a different configuration (fingerprint "
+                               f"{state.fingerprint} != {expected_fingerprint}): pass another run name (--name) "
+                               "or remove it")
     if not state.inputs:
-        raise ValueError(f"{where} holds a run that does not record which data and collab artifacts it was "
-                         "trained on (written by an older version): it cannot be resumed or re-exported "
-                         "safely; pass another run name (--name) or remove it")
+        raise RunIdentityError(f"{where} holds a run that does not record which data and collab artifacts it "
+                               "was trained on (written by an older version): it cannot be resumed or re-exported "
+                               "safely; pass another run name (--name) or remove it")
     changed = [f"{k} (artifact {state.inputs.get(k)} then, {expected_inputs.get(k)} now)"
                for k in RUN_INPUTS if state.inputs.get(k) != expected_inputs.get(k)]
     if changed:
-        raise ValueError(f"{where} holds a run trained on other input artifacts; changed: {', '.join(changed)}. "
-                         "Resuming or re-exporting it would mix its weights with the new data/collab "
-                         "embeddings: pass another run name (--name) or remove it")
+        raise RunIdentityError(f"{where} holds a run trained on other input artifacts; changed: "
+                               f"{', '.join(changed)}. Resuming or re-exporting it would mix its weights with the "
+                               "new data/collab embeddings: pass another run name (--name) or remove it")
 
 
 @dataclass
@@ -165,7 +170,7 @@ def read_checkpoint(checkpoint_dir: Path, expected_fingerprint: str,
     Every file, the DeepSpeed states included, is first checked against the checksums recorded at
     save time (:func:`verify_checkpoint`), so ``engine.load_checkpoint`` afterwards unpickles only
     files this run wrote. Raises :class:`CheckpointIntegrityError` naming a file that does not
-    match, ValueError (:func:`check_run_identity`) when the checkpoint was written with another
+    match, :class:`RunIdentityError` (:func:`check_run_identity`) when the checkpoint was written with another
     configuration or on other data or collab artifacts.
     """
     verify_checkpoint(checkpoint_dir)

@@ -9,6 +9,7 @@ import numpy as np
 
 from deftrec.config.model import DeftRecConfig
 from deftrec.config.training import TrainConfig
+from deftrec.core.config import ConfigError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -90,8 +91,8 @@ def plan_steps(n_samples: int, train: TrainConfig, world_size: int, debug_steps:
     else:
         spe = -(-per_rank // (train.batch_size * train.grad_accum))
     if spe < 1:
-        raise ValueError(f"{n_samples} samples over {world_size} workers give no full optimizer step of "
-                         f"{train.batch_size} x {train.grad_accum} samples per worker")
+        raise ConfigError(f"{n_samples} samples over {world_size} workers give no full optimizer step of "
+                          f"{train.batch_size} x {train.grad_accum} samples per worker")
     total = spe * train.epochs
     for cap in (train.max_steps, debug_steps):
         if cap is not None:

@@ -154,15 +154,19 @@ def train_distributed(
 
     Raises:
         deftrec.core.artifacts.ArtifactError when the data or the collaborative embeddings are missing;
-        ValueError when an earlier run with the same storage/name used another configuration, other
-        data or other collab embeddings (the message names which).
+        deftrec.training.checkpoint.RunIdentityError (an ArtifactError and a ValueError) when an earlier
+        run with the same storage/name used another configuration, other data or other collab
+        embeddings (the message names which); deftrec.core.config.ConfigError when the settings
+        cannot run on this data or with these workers.
     """
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from deftrec.artifacts.collab import load_collab
+    from deftrec.core.artifacts import ArtifactError
     from deftrec.core.cluster import ensure_ray
+    from deftrec.core.config import ConfigError
     from deftrec.data.samples import build_training_samples, sample_options, load_dataset
 
     say = writer(log)
@@ -172,22 +176,22 @@ def train_distributed(
     collab = load_collab(collab_dir)
     stage_fp = train_fingerprint(cfg, dist, data_dir, collab_dir)
     if cfg.tokenizer.user_tokens and collab.user_emb is None:
-        raise ValueError("tokenizer.user_tokens needs the LightGCN user matrix in the collab artifact")
+        raise ArtifactError("tokenizer.user_tokens needs the LightGCN user matrix in the collab artifact")
     if dist.zero_stage == 3 and cfg.needs_generation:
         # Greedy decoding stops at data-dependent lengths; under ZeRO-3 every forward is a
         # collective, so ranks would fall out of lockstep during validation.
-        raise ValueError(f"condition={cfg.condition!r} generates text during validation, which ZeRO-3 cannot "
-                         "run in lockstep; use zero_stage 0/2 or condition=prompt_state")
+        raise ConfigError(f"condition={cfg.condition!r} generates text during validation, which ZeRO-3 cannot "
+                          "run in lockstep; use zero_stage 0/2 or condition=prompt_state")
     if collab.item_emb.shape[1] != cfg.d_c:
-        raise ValueError(f"the collab artifact has d_c={collab.item_emb.shape[1]}, the config collab.dim={cfg.d_c}")
+        raise ArtifactError(f"the collab artifact has d_c={collab.item_emb.shape[1]}, the config collab.dim={cfg.d_c}")
     data = load_dataset(data_dir)
     if collab.item_emb.shape[0] != data.n_items:
-        raise ValueError(f"the collab artifact has {collab.item_emb.shape[0]} items, the data {data.n_items}")
+        raise ArtifactError(f"the collab artifact has {collab.item_emb.shape[0]} items, the data {data.n_items}")
     t = cfg.train
     n_samples = len(build_training_samples(data.train_sequences, data.users, **sample_options(cfg)))
     valid = data.valid.sample(t.valid_users, t.seed)
     if len(valid) < dist.num_workers:
-        raise ValueError(f"{len(valid)} validation users cannot be split over {dist.num_workers} workers")
+        raise ConfigError(f"{len(valid)} validation users cannot be split over {dist.num_workers} workers")
     fp, inputs = config_fingerprint(cfg), run_inputs(data_dir, collab_dir)
     storage, name = _storage(run_dir, run_name, dist)
     prev = _previous_run(storage, name)

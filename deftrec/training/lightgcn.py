@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deftrec.config.components import LightGCNConfig
+from deftrec.data.readers import InputError
 from deftrec.model.lightgcn import LightGCN, check_pairs, unique_pairs
 
 __all__ = ["epoch_shard", "hit_rate_at_k", "sample_negatives", "train_lightgcn"]
@@ -194,7 +195,7 @@ def _plan(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, cfg:
     deg = np.bincount(pu, minlength=n_users)
     if (deg >= n_items).any():
         full = np.flatnonzero(deg >= n_items)[:5].tolist()
-        raise ValueError(f"users {full} interacted with every item: BPR has no negative for them")
+        raise InputError(f"users {full} interacted with every item: BPR has no negative for them")
     if valid is not None:
         v_users, v_hist, v_targets = valid
         if len(v_hist) != len(v_users) or len(v_targets) != len(v_users):
