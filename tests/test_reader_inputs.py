@@ -8,9 +8,11 @@ through ``run_preprocess`` like the pipeline does.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deftrec.config.data import PreprocessConfig
-from deftrec.core.config import from_dict
+from deftrec.core.config import ConfigError, from_dict
 from deftrec.data.bucket_tasks import dedup_sorted
 from deftrec.data.catalog import read_catalog, read_delimited
 from deftrec.data.chunks import parse_chunk
@@ -28,6 +30,7 @@ from deftrec.data.layout import plan_chunks, plan_layout
 from deftrec.data.preprocess import run_preprocess
 from deftrec.data.readers import InputError
 from deftrec.data.records import scan_range
+from deftrec.data.transcode import splits_on_newline_bytes
 from deftrec.data.validation import hash_strings
 
 HEADER = ["user_id", "item_id", "timestamp", "rating"]
@@ -252,6 +255,81 @@ def test_blank_catalog_and_header_only_are_input_errors(tmp_path):
                                            "utf-8", header=True)
     assert header == ["x", "y"] and rows == [["a", "b"]] and numbers == [2]
     assert read_delimited(str(tmp_path / "h.csv"), ",", "utf-8", header=False)[0] is None
+
+
+# ------------------------------------------------------------------ encodings
+
+
+def csv_text(rows) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+#: (declared encoding, the codec of the body, byte order mark, bytes that are not valid in it)
+WIDE_ENCODINGS = [("utf-16", "utf-16-le", codecs.BOM_UTF16_LE, b"\x00\xd8"),  # a lone high surrogate
+                  ("utf-16-le", "utf-16-le", codecs.BOM_UTF16_LE, b"\x00\xd8"),
+                  ("utf-16-be", "utf-16-be", b"", b"\xd8\x00"),
+                  ("utf-32", "utf-32-be", codecs.BOM_UTF32_BE, b"\x00\x11\x00\x00")]  # past U+10FFFF
+
+
+@pytest.mark.parametrize("encoding,body,bom,bad", WIDE_ENCODINGS, ids=[e[0] for e in WIDE_ENCODINGS])
+def test_wide_encodings_read_logs_and_catalogs_with_their_line_numbers(tmp_path, ray_session, encoding, body,
+                                                                       bom, bad):
+    """UTF-16/32 newlines are not the byte 0x0A: the log is read from a UTF-8 copy, the catalog decoded
+    whole; ids, line numbers and rejects (bad bytes included) are the original file's."""
+    items = ["é0", "multi\nline☃", "i2", "i3"]
+    rows = [(f"ü{u}", it, 100 + k, 4) for u in range(2) for k, it in enumerate(items)]
+    log = tmp_path / "log.csv"  # line 1 header, lines 2-11 rows (one spans 2 lines), line 12 bad, 13-14 rows
+    log.write_bytes(bom + csv_text([HEADER, *rows]).encode(body) + "ü0,".encode(body) + bad
+                    + ",300,4\n".encode(body) + csv_text([("ü1", "i2", 301, 5), ("ü1", "i3", 302, 5)]).encode(body))
+    cat = tmp_path / "items.csv"  # lines 3-5 one record, line 6 bad, line 7 an id the log does not use (not emitted)
+    cat.write_bytes(bom + csv_text([("item_id", "title"), *[(it, f"T{it}") for it in items[:2]]]).encode(body)
+                    + "x".encode(body) + bad + ",T\n".encode(body)
+                    + csv_text([("unused", "U"), *[(it, f"T{it}") for it in items[2:]]]).encode(body))
+    m = run(log, tmp_path / "o", encoding=encoding, items=str(cat), user_core=0, item_core=0, chunk_mb=0.0001,
+            columns={"rating": "rating"})
+    c = m["counts"]
+    assert c["rows_in"] == 11 and c["rejected_total"] == 1 and c["kept"] == 10 and balanced(m)
+    rej = rejects(tmp_path / "o")
+    line_rej = [r for r in rej if r["file"] == str(log)]
+    assert [(r["line"], r["reason"], r["field"]) for r in line_rej] == [(12, f"invalid {encoding} bytes", "*")]
+    assert line_rej[0]["raw"] == "ü0," + "".join(f"\\x{b:02x}" for b in bad) + ",300,4"  # the original bytes
+    cat_rej = [r for r in rej if r["file"] == str(cat)]
+    assert [(r["line"], r["reason"]) for r in cat_rej] == [(6, f"catalog: invalid {encoding} bytes")]
+    out_items = pq.read_table(tmp_path / "o" / "items.parquet").to_pylist()
+    assert sorted(r["item_id"] for r in out_items) == sorted(items)
+    assert {r["item_id"]: r["title"] for r in out_items}["multi\nline☃"] == "Tmulti\nline☃"
+    seqs = pq.read_table(tmp_path / "o" / "sequences.parquet").to_pylist()
+    assert sorted(len(s["items"]) for s in seqs) == [4, 6]
+    users = pq.read_table(tmp_path / "o" / "users.parquet").column("user_id").to_pylist()
+    assert sorted(users) == ["ü0", "ü1"]
+
+
+def test_wide_encoding_jsonl_catalog_keeps_line_numbers(tmp_path):
+    p = tmp_path / "items.jsonl"
+    lines = [json.dumps({"item_id": "a", "title": "Ä"}, ensure_ascii=False), "", "[1]",
+             json.dumps({"item_id": "b", "title": "B"})]
+    p.write_bytes(codecs.BOM_UTF16_BE + "\n".join([*lines, ""]).encode("utf-16-be") + b"\xdc\x00"  # a lone surrogate
+                  + "\n".encode("utf-16-be") + json.dumps({"item_id": "c", "title": "C"}).encode("utf-16-be"))
+    cat = read_catalog(config("x", encoding="utf-16"), str(p))
+    assert cat.table.column("key").to_pylist() == ["a", "b", "c"] and cat.table.column("title")[0].as_py() == "Ä"
+    assert [(r["line"], r["reason"]) for r in cat.rejects.to_pylist()] == [
+        (3, "catalog: JSON line is not an object"), (5, "catalog: invalid utf-16 bytes")]
+
+
+def test_byte_chunking_only_for_encodings_whose_newline_is_the_byte_0x0a():
+    for name in ("utf-8", "latin-1", "cp1252", "ascii", "shift_jis", "gb18030", "euc-kr"):
+        assert splits_on_newline_bytes(name), name
+    for name in ("utf-16", "utf-16-le", "utf-32-be", "utf-8-sig", "utf-7", "cp037", "iso2022_jp", "hz",
+                 "raw_unicode_escape"):
+        assert not splits_on_newline_bytes(name), name
+
+
+@pytest.mark.parametrize("name", ["no-such-codec", "rot13", "base64", "undefined", "punycode"])
+def test_unknown_or_unusable_encoding_is_refused_naming_the_field(name):
+    with pytest.raises(ConfigError, match=r"^PreprocessConfig: encoding: .*" + re.escape(repr(name))):
+        config("log.csv", encoding=name)
 
 
 # ------------------------------------------------------------------ the published deftrec folders

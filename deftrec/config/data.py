@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 from typing import Optional
 
@@ -9,6 +10,30 @@ from typing import Optional
 SYNTH_CATEGORIES = 12
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "movielens", "deftrec")
+
+
+#: ASCII text every input encoding must decode back after encoding it, even fed a byte at a time.
+_ENCODING_PROBE = 'user_id,item_id\t"1 2";3|4::5\r\n'
+
+
+def check_encoding(name: str) -> None:
+    """Refuse, naming the field, a codec Python does not know or that cannot decode a text file
+    (the readers stream files, so a codec must decode in pieces what it encoded whole)."""
+    try:
+        data = _ENCODING_PROBE.encode(name)  # LookupError too for bytes-to-bytes codecs (base64, rot13, ...)
+    except LookupError:
+        raise ValueError(f"encoding: unknown text encoding {name!r} (any codec Python's codecs module decodes "
+                         f"text with works, e.g. utf-8, latin-1, cp1252, utf-16, utf-32)") from None
+    except UnicodeError:
+        data = b""
+    decoder = codecs.getincrementaldecoder(name)()
+    try:
+        text = "".join(decoder.decode(data[i:i + 1]) for i in range(len(data))) + decoder.decode(b"", final=True)
+    except UnicodeError:
+        text = ""
+    if text.removeprefix("\ufeff") != _ENCODING_PROBE:
+        raise ValueError(f"encoding: codec {name!r} cannot read a text file (it does not decode ASCII text it "
+                         f"encoded, read in pieces)")
 
 
 @dataclasses.dataclass
@@ -71,10 +96,7 @@ class PreprocessConfig:
             self.header = d_header
         if self.encoding is None:
             self.encoding = "latin-1" if self.format == "movielens" else "utf-8"
-        try:
-            "x".encode(self.encoding)
-        except LookupError:
-            raise ValueError(f"encoding: unknown codec {self.encoding!r}") from None
+        check_encoding(self.encoding)
         if self.format == "movielens" and self.columns == ColumnsConfig():
             # ratings.dat: UserID::MovieID::Rating::Timestamp
             self.columns = ColumnsConfig(user="0", item="1", rating="2", timestamp="3")

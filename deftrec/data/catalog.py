@@ -20,7 +20,6 @@ import csv
 import dataclasses
 import io
 import json
-import re
 from typing import Callable, Optional
 
 import pyarrow as pa
@@ -29,9 +28,8 @@ import pyarrow.parquet as pq
 from deftrec.config.data import PreprocessConfig
 from deftrec.data.layout import check_file, check_scalar_columns, check_unique_names
 from deftrec.data.readers import REJECT_SCHEMA, InputError
+from deftrec.data.transcode import decode_text, decoded_lines, has_bad_bytes, show_bad_bytes
 from deftrec.data.validation import column_strings
-
-_SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" leaves for undecodable bytes
 
 
 @dataclasses.dataclass
@@ -93,23 +91,19 @@ def _jsonl_rows(path: str, encoding: str, cc):
     """JSONL catalog -> (column names, rows, line numbers, rejected lines)."""
     keys = [k for k in (cc.item, cc.title, cc.category) if k]
     rows, numbers, pre, seen_keys = [], [], [], set()
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode(encoding)
-            except UnicodeDecodeError:
-                pre.append((i, "*", f"catalog: invalid {encoding} bytes",
-                            raw.decode(encoding, "backslashreplace").rstrip("\r\n")))
-                continue
-            if not line.strip():
-                continue
-            reason, field, row = _json_catalog_row(line, keys)
-            if reason:
-                pre.append((i, field, reason, line.rstrip("\r\n")))
-                continue
-            seen_keys.update(k for k, v in zip(keys, row) if v is not None)
-            rows.append(["" if v is None else v for v in row])
-            numbers.append(i)
+    for i, line in enumerate(decoded_lines(path, encoding), 1):
+        if has_bad_bytes(line):
+            pre.append((i, "*", f"catalog: invalid {encoding} bytes", show_bad_bytes(line.rstrip("\r\n"))))
+            continue
+        if not line.strip():
+            continue
+        reason, field, row = _json_catalog_row(line, keys)
+        if reason:
+            pre.append((i, field, reason, line.rstrip("\r\n")))
+            continue
+        seen_keys.update(k for k, v in zip(keys, row) if v is not None)
+        rows.append(["" if v is None else v for v in row])
+        numbers.append(i)
     # a key no line has is a missing column (reported by catalog_from_rows), not an empty value
     names = [k if k in seen_keys or not rows else None for k in keys]
     return names, rows, numbers, pre
@@ -142,11 +136,12 @@ def read_delimited(path: str, delim: str, encoding: str, header: bool):
     """Full CSV parsing (quotes, embedded newlines) for catalogs, which are small.
 
     -> (header fields or None, data rows, line numbers where each row starts). Undecodable bytes
-    stay in the fields as surrogate escapes (the rows are rejected by ``catalog_from_rows``); a
-    record ``csv`` cannot read is returned as ``None``. With ``header``, a file without a
-    non-blank first record, or a header with undecodable bytes, is an InputError."""
+    stay in the fields as ``transcode.BAD_BYTES`` surrogates (the rows are rejected by
+    ``catalog_from_rows``); a byte order mark is dropped; a record ``csv`` cannot read is returned
+    as ``None``. With ``header``, a file without a non-blank first record, or a header with
+    undecodable bytes, is an InputError."""
     with open(path, "rb") as f:
-        text = f.read().decode(encoding, errors="surrogateescape")
+        text = decode_text(f.read(), encoding)
     rows, numbers = [], []
     if len(delim) == 1:
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, quotechar='"')
@@ -173,19 +168,15 @@ def read_delimited(path: str, delim: str, encoding: str, header: bool):
         raise InputError(f"{path}: line {numbers[0] if rows else 1}: no readable header "
                          f"({'the file holds only blank lines' if not rows else 'csv cannot read it'})")
     names = [c.strip() for c in rows[0]]
-    if any(_SURROGATE.search(c) for c in names):
+    if any(has_bad_bytes(c) for c in names):
         raise InputError(f"{path}: line {numbers[0]}: header has bytes that are not valid {encoding}; "
                          f"pass --encoding if the file uses another encoding")
     check_unique_names(path, names, f"line {numbers[0]} (header)")
     return names, rows[1:], numbers[1:]
 
 
-def _raw(r: Optional[list], encoding: str) -> str:
-    if r is None:
-        return ""
-    text = " ".join(r)
-    return text.encode(encoding, "surrogateescape").decode(encoding, "backslashreplace") if _SURROGATE.search(text) \
-        else text
+def _raw(r: Optional[list]) -> str:
+    return show_bad_bytes(" ".join(r)) if r is not None else ""
 
 
 def catalog_from_rows(path, names, rows, numbers, cc, header_line: bool, encoding: str = "utf-8",
@@ -228,7 +219,7 @@ def catalog_from_rows(path, names, rows, numbers, cc, header_line: bool, encodin
             elif key_check is not None and key_check(key) is not None:
                 reason, field = key_check(key), cc.item
         if reason is not None:
-            rej.append((line, field, reason, _raw(r, encoding)))
+            rej.append((line, field, reason, _raw(r)))
             continue
         seen[key] = line
         keys.append(key)
@@ -250,7 +241,7 @@ def _row_problem(r: Optional[list], width: Optional[int], need: int, encoding: s
     """-> (reason, field) for a row that cannot be read at all, else (None, None)."""
     if r is None:
         return "catalog: malformed CSV record", "*"
-    if any(_SURROGATE.search(v) for v in r):
+    if any(has_bad_bytes(v) for v in r):
         return f"catalog: invalid {encoding} bytes", "*"
     if width is not None and len(r) != width:
         return f"catalog: wrong field count (expected {width}, got {len(r)})", "*"

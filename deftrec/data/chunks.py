@@ -46,7 +46,9 @@ def _csv_records(chunk: Chunk, cfg: PreprocessConfig, text, numbers, invalid):
     has_quote, simple = quote_flags(text, delim)
     starts, end_in_quote = record_starts(text, delim, chunk.start_in_quote, (has_quote, simple))
     if end_in_quote:  # the last record closes in a later range: read on to its close
-        more, more_invalid, closed = read_continuation(chunk.layout.path, chunk.end, cfg.encoding, delim)
+        lay = chunk.layout
+        more, more_invalid, closed = read_continuation(lay.data_path, chunk.end, lay.data_encoding, delim,
+                                                       lay.transcoded)
         text = pa.concat_arrays([text, pa.array(more, pa.string())])
         numbers = np.r_[numbers, numbers[-1] + 1 + np.arange(len(more), dtype=np.int64)] if len(numbers) else \
             chunk.first_line + np.arange(len(more), dtype=np.int64)
@@ -101,8 +103,8 @@ def _delimited_fields(text: pa.Array, needs_csv: np.ndarray, lay: FileLayout, de
 
 def parse_text_chunk(chunk: Chunk, cfg: PreprocessConfig, catalog_ids, num_buckets: int):
     lay = chunk.layout
-    data = read_range(lay.path, chunk.start, chunk.end)
-    text, numbers, invalid = lines_from_bytes(data, chunk.first_line, cfg.encoding)
+    data = read_range(lay.data_path, chunk.start, chunk.end)
+    text, numbers, invalid = lines_from_bytes(data, chunk.first_line, lay.data_encoding, lay.transcoded)
     quoting = cfg.format != "jsonl" and len(cfg.delimiter) == 1
     if quoting:
         text, numbers, invalid, needs_csv, n_lines = _csv_records(chunk, cfg, text, numbers, invalid)

@@ -31,9 +31,10 @@ from deftrec.core.artifacts import write_json_atomic
 from deftrec.data.catalog import RawCatalog, read_catalog
 from deftrec.data.chunks import parse_chunk
 from deftrec.data.deftrec_folder import read_deftrec_folder
-from deftrec.data.layout import Chunk, check_file, plan_chunks, plan_layout
+from deftrec.data.layout import Chunk, check_file, needs_transcoding, plan_chunks, plan_layout
 from deftrec.data.readers import InputError, empty_valid
 from deftrec.data.records import scan_range
+from deftrec.data.transcode import transcode_to_utf8
 
 DEFTREC_FILES = ("train.txt", "test.txt", "item_list.txt", "user_list.txt")
 MAX_CHUNK_BYTES = 1 << 30  # a range's lines are one Arrow array with 32-bit offsets
@@ -113,7 +114,7 @@ def bucket_count(cfg: PreprocessConfig, paths: list[str]) -> int:
 def scan_args(cfg: PreprocessConfig, c: Chunk) -> tuple:
     """Arguments of ``records.scan_range`` for a chunk (CSV quoting only for one-character delimiters)."""
     delim = cfg.delimiter if cfg.format != "jsonl" and len(cfg.delimiter) == 1 else None
-    return c.layout.path, c.start, c.end, 0, cfg.encoding, delim
+    return c.layout.data_path, c.start, c.end, 0, c.layout.data_encoding, delim
 
 
 def number_chunks(chunks: list[Chunk], scans: list[dict]) -> None:
@@ -135,11 +136,23 @@ def number_chunks(chunks: list[Chunk], scans: list[dict]) -> None:
                              f"closed (the file ends inside quotes)")
 
 
+def utf8_copies(cfg: PreprocessConfig, paths: list[str], work: Path, log) -> list[Optional[str]]:
+    """Per input, its UTF-8 copy under ``work`` when the encoding cannot be cut into byte ranges
+    (``deftrec.data.transcode``), else None: the file is read as it is."""
+    if not needs_transcoding(cfg):
+        return [None] * len(paths)
+    folder = work / "utf8"
+    folder.mkdir(parents=True, exist_ok=True)
+    return [transcode_to_utf8(p, cfg.encoding, str(folder / f"{i:06d}-{Path(p).name}"), log)
+            for i, p in enumerate(paths)]
+
+
 def _parse_stage(cfg, paths, catalog_ids, num_buckets, work: Path, reject_dir: Path, log) -> list[dict]:
     """Ray Data: chunked read + validation -> user-bucketed Parquet; rejects and stats as side files."""
     import ray
 
-    layouts = [plan_layout(cfg, p, i) for i, p in enumerate(paths)]
+    copies = utf8_copies(cfg, paths, work, log)
+    layouts = [plan_layout(cfg, p, i, copy) for i, (p, copy) in enumerate(zip(paths, copies))]
     # At least ~2 read tasks per CPU so small clusters stay busy; never above chunk_mb.
     total = sum(os.path.getsize(p) for p in paths)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -7,7 +7,9 @@ into byte ranges aligned to line starts or Parquet row groups (``Chunk``).
 File-level rules (each an ``InputError`` naming the file): a header (or Parquet schema) that
 names a column twice; a configured Parquet column that is not a scalar (list, struct, map...);
 a header that opens a quoted field it does not close. A UTF-8 byte order mark before the header
-is ignored.
+is ignored. A file in an encoding that cannot be cut at ``b"\\n"`` (UTF-16, UTF-32, ...) is read
+from its UTF-8 copy (``FileLayout.data_path``, see ``deftrec.data.transcode``); messages and
+rejects still name the original file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 from deftrec.config.data import PreprocessConfig
 from deftrec.data.readers import InputError
 from deftrec.data.records import ends_in_quote, parse_record, read_continuation
+from deftrec.data.transcode import splits_on_newline_bytes
 
 
 @dataclasses.dataclass
@@ -34,6 +37,16 @@ class FileLayout:
     positions: dict  # role -> position (text) or column name (jsonl/parquet)
     data_start: int  # byte offset of the first data line
     first_line: int  # 1-based line number of the first data line
+    data_path: str = ""  # the file whose bytes are read: ``path`` itself, or its UTF-8 copy
+    data_encoding: str = "utf-8"  # the encoding of data_path's bytes
+
+    def __post_init__(self):
+        self.data_path = self.data_path or self.path
+
+    @property
+    def transcoded(self) -> bool:
+        """Whether the bytes come from a UTF-8 copy (its undecodable bytes are ``transcode.BAD_BYTES`` marks)."""
+        return self.data_path != self.path
 
 
 @dataclasses.dataclass
@@ -55,14 +68,15 @@ def check_file(path: str) -> None:
         raise InputError(f"{path}: file is empty")
 
 
-def _read_first_line(path: str, encoding: str) -> tuple[str, int, int]:
+def _read_first_line(path: str, data_path: str, encoding: str, declared: str) -> tuple[str, int, int]:
     """-> (line 1 without EOL or byte order mark, its bytes, the byte order mark's bytes)."""
-    with open(path, "rb") as f:
+    with open(data_path, "rb") as f:
         raw = f.readline()
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: line 1: header is not valid {encoding} (byte {e.start}); "
+        where = f" (byte {e.start})" if data_path == path else ""  # a copy's offsets are not the file's
+        raise InputError(f"{path}: line 1: header is not valid {declared}{where}; "
                          f"pass --encoding if the file uses another encoding") from None
     bom = len(b"\xef\xbb\xbf") if text.startswith("\ufeff") and raw.startswith(b"\xef\xbb\xbf") else 0
     return text.rstrip("\r\n").lstrip("\ufeff"), len(raw), bom
@@ -102,9 +116,19 @@ def check_scalar_columns(path: str, schema: pa.Schema, roles: dict) -> None:
                              f"timestamp or date column (one value per row)")
 
 
-def plan_layout(cfg: PreprocessConfig, path: str, file_idx: int) -> FileLayout:
-    """Resolve the columns of one input file against the config; raise InputError naming the file."""
+def needs_transcoding(cfg: PreprocessConfig) -> bool:
+    """Whether text inputs must be read from a UTF-8 copy (``deftrec.data.transcode``)."""
+    return cfg.format != "parquet" and not splits_on_newline_bytes(cfg.encoding)
+
+
+def plan_layout(cfg: PreprocessConfig, path: str, file_idx: int, data_path: str | None = None) -> FileLayout:
+    """Resolve the columns of one input file against the config; raise InputError naming the file.
+    ``data_path``: the file's UTF-8 copy, required when :func:`needs_transcoding`."""
     check_file(path)
+    if data_path is None and needs_transcoding(cfg):
+        raise ValueError(f"{path}: {cfg.encoding} input is read from a UTF-8 copy; pass data_path "
+                         f"(deftrec.data.transcode.transcode_to_utf8)")
+    read = {"data_path": data_path or path, "data_encoding": "utf-8" if data_path else cfg.encoding}
     cols = cfg.columns
     roles = {"user": cols.user, "item": cols.item, "timestamp": cols.timestamp}
     if cols.rating:
@@ -119,17 +143,17 @@ def plan_layout(cfg: PreprocessConfig, path: str, file_idx: int) -> FileLayout:
             raise InputError(f"{path}: missing column(s) {_fmt_missing(missing)}; the file has {schema.names}")
         check_unique_names(path, schema.names, "schema")
         check_scalar_columns(path, schema, roles)
-        return FileLayout(path, file_idx, 0, roles, 0, 1)
+        return FileLayout(path, file_idx, 0, roles, 0, 1, **read)
     if cfg.format == "jsonl":
-        return FileLayout(path, file_idx, 0, roles, 0, 1)
-    first, nbytes, bom = _read_first_line(path, cfg.encoding)
+        return FileLayout(path, file_idx, 0, roles, 0, 1, **read)
+    first, nbytes, bom = _read_first_line(path, read["data_path"], read["data_encoding"], cfg.encoding)
     if not first.strip():
         raise InputError(f"{path}: line 1 is empty; expected {'a header' if cfg.header else 'data'}")
     if len(cfg.delimiter) == 1 and ends_in_quote(first, cfg.delimiter, False):
         if cfg.header:
             raise InputError(f"{path}: line 1: a quoted field is not closed on the line (a header cannot span lines)")
         # without a header the first record is data, and a data record may span lines: count its fields
-        more, _, _ = read_continuation(path, nbytes, cfg.encoding, cfg.delimiter)
+        more, _, _ = read_continuation(read["data_path"], nbytes, read["data_encoding"], cfg.delimiter)
         first = "\n".join([first, *more])
     fields = _split_header(path, first, cfg.delimiter)
     if cfg.header:
@@ -146,7 +170,7 @@ def plan_layout(cfg: PreprocessConfig, path: str, file_idx: int) -> FileLayout:
         if missing:
             raise InputError(f"{path}: line 1 (header): missing column(s) {_fmt_missing(missing)}; "
                              f"the header has {fields} (set --user-col/--item-col/--time-col/--rating-col)")
-        return FileLayout(path, file_idx, len(fields), positions, nbytes, 2)
+        return FileLayout(path, file_idx, len(fields), positions, nbytes, 2, **read)
     positions = {}
     for role, name in roles.items():
         if not str(name).isdigit():
@@ -156,7 +180,7 @@ def plan_layout(cfg: PreprocessConfig, path: str, file_idx: int) -> FileLayout:
             raise InputError(f"{path}: line 1 has {len(fields)} fields; column {role} at position {name} "
                              f"does not exist")
         positions[role] = int(name)
-    return FileLayout(path, file_idx, len(fields), positions, bom, 1)
+    return FileLayout(path, file_idx, len(fields), positions, bom, 1, **read)
 
 
 def _fmt_missing(missing: dict) -> str:
@@ -172,9 +196,9 @@ def plan_chunks(layout: FileLayout, chunk_bytes: int, fmt: str) -> list[Chunk]:
             chunks.append(Chunk(layout, rg, rg + 1, first_line=row + 1, rows=md.row_group(rg).num_rows))
             row += md.row_group(rg).num_rows
         return chunks
-    size = os.path.getsize(layout.path)
+    size = os.path.getsize(layout.data_path)
     bounds = [layout.data_start]
-    with open(layout.path, "rb") as f:
+    with open(layout.data_path, "rb") as f:
         pos = layout.data_start + chunk_bytes
         while pos < size:
             f.seek(pos)

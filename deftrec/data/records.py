@@ -27,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from deftrec.data.transcode import show_bad_bytes
+
 _SIMPLE_FIELD_RE = r'^[^"]*$|^\s*"[^"]*"\s*$'
 
 _FIELD_START, _UNQUOTED, _QUOTED, _QUOTE_IN_QUOTED = range(4)
@@ -38,8 +40,9 @@ def read_range(path: str, start: int, end: int) -> bytes:
         return f.read(end - start)
 
 
-def lines_from_bytes(data: bytes, first_line: int, encoding: str):
-    """-> (lines StringArray without EOL, line numbers, invalid-encoding mask)."""
+def lines_from_bytes(data: bytes, first_line: int, encoding: str, marked: bool = False):
+    """-> (lines StringArray without EOL, line numbers, invalid-encoding mask). ``marked``: UTF-8 from
+    ``deftrec.data.transcode``, whose invalid sequences stand for the original file's bad bytes."""
     if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
         try:
             data = data.decode(encoding).encode("utf-8")
@@ -68,7 +71,8 @@ def lines_from_bytes(data: bytes, first_line: int, encoding: str):
                 fixed.append(b.decode("utf-8"))
             except UnicodeDecodeError:
                 invalid[i] = True
-                fixed.append(b.decode("utf-8", errors="backslashreplace"))
+                fixed.append(show_bad_bytes(b.decode("utf-8", "surrogatepass")) if marked else
+                             b.decode("utf-8", errors="backslashreplace"))
         text = pa.array(fixed, pa.string())
     if bad_lines is not None:
         invalid |= bad_lines[:n]
@@ -178,13 +182,14 @@ def scan_range(path: str, start: int, end: int, first_line: int, encoding: str, 
     return res
 
 
-def read_continuation(path: str, offset: int, encoding: str, delim: str) -> tuple[list[str], np.ndarray, bool]:
+def read_continuation(path: str, offset: int, encoding: str, delim: str,
+                      marked: bool = False) -> tuple[list[str], np.ndarray, bool]:
     """Lines after ``offset`` up to the one that closes an open quoted field -> (lines, invalid, closed)."""
     out, bad = [], []
     with open(path, "rb") as f:
         f.seek(offset)
         for raw in f:
-            text, _, invalid = lines_from_bytes(raw, 0, encoding)
+            text, _, invalid = lines_from_bytes(raw, 0, encoding, marked)
             line = text[0].as_py() if len(text) else ""
             out.append(line)
             bad.append(bool(invalid[:1].any()))
