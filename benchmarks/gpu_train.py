@@ -49,7 +49,7 @@ def prepare(config: Path, data_preset: str | None, run: Path, overrides: list[st
     from deftrec.core.artifacts import is_complete
     from deftrec.data.samples import load_dataset
     from deftrec.end_to_end import run_pipeline
-    from deftrec.training.local import fit_collab
+    from deftrec.training.collab_job import fit_collab
 
     if not is_complete(run / "data"):
         src = REPO / "pipelines" / "configs" / f"{data_preset}.yaml" if data_preset else config
@@ -62,7 +62,7 @@ def prepare(config: Path, data_preset: str | None, run: Path, overrides: list[st
         finally:
             os.chdir(cwd)
     if not is_complete(run / "collab"):
-        cfg = load_pipeline_config(config, [*overrides, "collab.epochs=2", "collab.eval_every=2"]).deftrec_config()
+        cfg = load_pipeline_config(config, [*overrides, "collab.epochs=2", "collab.eval_every=2"]).model
         U, E, hist = fit_collab(cfg, load_dataset(run / "data"), log=print)
         save_collab(run / "collab", U, E, cfg.collab, hist)
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides += [f"train.log_every={a.window}", "train.validate_every=null", "train.valid_users=8",
                   "eval.steps=1", "eval.sampler=ddim", f"train.warmup_steps={max(1, a.steps // 3)}"]
     pcfg = load_pipeline_config(a.config, overrides)
-    cfg = pcfg.deftrec_config()
+    cfg = pcfg.model
     precision = resolve_precision("auto", use_gpu=True)
     if precision == "bf16" and cfg.llm.dtype != "bfloat16":
         print(f"note: llm.dtype={cfg.llm.dtype}; DeepSpeed bf16 casts the weights to bfloat16 anyway")

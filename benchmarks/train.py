@@ -34,7 +34,7 @@ def prepare(preset: str, workdir: Path) -> Path:
     from deftrec.core.artifacts import is_complete
     from deftrec.data.samples import load_dataset
     from deftrec.end_to_end import run_pipeline
-    from deftrec.training.local import fit_collab
+    from deftrec.training.collab_job import fit_collab
 
     run = workdir / preset
     cfg = load_pipeline_config(REPO / "pipelines" / "configs" / f"{preset}.yaml")
@@ -49,7 +49,7 @@ def prepare(preset: str, workdir: Path) -> Path:
             os.chdir(cwd)
     if not is_complete(run / "collab"):
         mcfg = load_pipeline_config(REPO / "pipelines" / "configs" / f"{preset}.yaml",
-                                    ["collab.epochs=2", "collab.eval_every=2"]).deftrec_config()
+                                    ["collab.epochs=2", "collab.eval_every=2"]).model
         U, E, hist = fit_collab(mcfg, load_dataset(run / "data"), log=None)
         save_collab(run / "collab", U, E, mcfg.collab, hist)
     return run
@@ -64,7 +64,7 @@ def run_one(preset: str, run: Path, stage: int, workers: int, steps: int, window
                  f"train.valid_users={max(8, workers)}", "eval.steps=1", "eval.sampler=ddim",
                  f"train.warmup_steps={max(1, steps // 2)}"]
     pcfg = load_pipeline_config(REPO / "pipelines" / "configs" / f"{preset}.yaml", overrides)
-    cfg = pcfg.deftrec_config()
+    cfg = pcfg.model
     dist = DistributedConfig(num_workers=workers, cpus_per_worker=1, threads_per_worker=1, zero_stage=stage,
                              debug_steps=steps, name=f"bench-{preset}-z{stage}-w{workers}-{int(time.time())}",
                              storage_path=str(run / "bench_results"), num_to_keep=1)

@@ -19,12 +19,13 @@ from pathlib import Path
 
 from deftrec.config.data import PreprocessConfig
 from deftrec.config.model import DeftRecConfig
-from deftrec.config.pipeline import PipelineConfig
+from deftrec.config.pipeline import PipelineConfig, preset_dict, save_run_config
 from deftrec.core.artifacts import read_manifest, up_to_date
 from deftrec.core.config import from_dict
+from deftrec.core.errors import UserError
 from deftrec.core.log import Log
 
-__all__ = ["STAGE_DIRS", "run_pipeline", "preprocess_config"]
+__all__ = ["STAGE_DIRS", "plan_pipeline", "run_pipeline", "preprocess_config"]
 
 #: Stage -> its directory inside the run directory.
 STAGE_DIRS = {"synth": "synth", "preprocess": "data", "collab": "collab", "train": "model", "index": "index",
@@ -133,12 +134,16 @@ def _run_stage(name: str, r: _Run) -> dict:
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: str | Path, log: Log = print) -> dict:
-    """Run the configured stages in order; each is skipped when its artifact is up to date."""
+    """Run the configured stages in order; each is skipped when its artifact is up to date.
+
+    The resolved config is recorded in ``RUN_DIR/pipeline_config.json`` first: the standalone stages
+    (``python -m pipelines.index --run-dir DIR`` ...) read it and so reproduce this run."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Build every typed config first: a bad value fails now, not an hour into the run.
-    r = _Run(cfg=cfg, run_dir=run_dir, preprocess=preprocess_config(cfg, run_dir), model=cfg.deftrec_config(),
+    r = _Run(cfg=cfg, run_dir=run_dir, preprocess=preprocess_config(cfg, run_dir), model=cfg.model,
              log=log)
+    save_run_config(cfg, run_dir)
     summary: dict = {"run_dir": str(run_dir), "stages": {}}
     for name in cfg.stages:
         summary["stages"][name] = _run_stage(name, r)
@@ -149,3 +154,56 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | Path, log: Log = print) -> 
         elif name == "evaluate":
             summary["metrics"] = json.loads((r.dir(name) / "metrics.json").read_text())
     return summary
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def _stage_resources(name: str, cfg: PipelineConfig) -> dict:
+    """What stage ``name`` asks Ray for: the same values its job passes to Ray."""
+    from deftrec.training.ray_job import worker_resources
+
+    if name == "collab":
+        return {"kind": "ray_train", **worker_resources(cfg.distributed)}
+    if name == "train":
+        d = cfg.distributed
+        return {"kind": "ray_train", **worker_resources(d), "zero_stage": d.zero_stage, "precision": d.precision}
+    if name == "preprocess":
+        return {"kind": "ray_data_tasks", "cpus_per_task": 1, "gpus_per_task": 0}
+    if name == "index":
+        return {"kind": "ray_data_actor_pool", "actors": 1, "cpus_per_actor": 1, "gpus_per_actor": 0}
+    if name == "evaluate":
+        e = cfg.evaluate
+        return {"kind": "ray_data_actor_pool", "actors": e.actors, "cpus_per_actor": e.cpus_per_actor,
+                "gpus_per_actor": e.gpus_per_actor, "baselines_on": "driver", "sasrec_device": e.sasrec.device}
+    return {"kind": "driver"}
+
+
+def plan_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict:
+    """What :func:`run_pipeline` would do, without doing it (``--dry-run``): the resolved config and, per
+    stage, whether it runs or is skipped (its fingerprint against the artifact in the run directory)
+    and the Ray resources it requests. Reads manifests only; starts nothing and writes nothing."""
+    run_dir = Path(run_dir)
+    r = _Run(cfg=cfg, run_dir=run_dir, preprocess=preprocess_config(cfg, run_dir), model=cfg.model,
+             log=lambda line: None)
+    stages, reruns = {}, None
+    for name in cfg.stages:
+        entry: dict = {"directory": str(r.dir(name)), "resources": _stage_resources(name, cfg)}
+        if reruns is not None:
+            entry.update(action="run", fingerprint=None, reason=f"its input stage {reruns!r} runs first")
+        else:
+            try:
+                fp, _ = STAGE_TABLE[name](r)
+            except UserError as e:  # an input this stage reads is not there (yet)
+                entry.update(action="run", fingerprint=None, reason=str(e))
+            else:
+                fresh = up_to_date(r.dir(name), fp)
+                entry.update(action="skip" if fresh else "run", fingerprint=fp,
+                             reason="up to date" if fresh else "no complete artifact with this fingerprint")
+        if entry["action"] == "run" and reruns is None:
+            reruns = name
+        stages[name] = entry
+    gpus = {n: s["resources"].get("gpus_per_worker", s["resources"].get("gpus_per_actor", 0)) for n, s in
+            stages.items()}
+    return {"run_dir": str(run_dir), "config": preset_dict(cfg), "stages": stages,
+            "uses_gpu": any(g > 0 for g in gpus.values())}

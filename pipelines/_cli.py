@@ -27,9 +27,18 @@ def add_common_flags(p: argparse.ArgumentParser, run_dir: bool = True, config: b
     if run_dir:
         p.add_argument("--run-dir", required=True, help="run directory (data/ inside; outputs written next to it)")
     if config:
-        p.add_argument("--config", help="YAML preset, e.g. pipelines/configs/tiny.yaml (default: built-in defaults)")
+        p.add_argument("--config", help="YAML preset, e.g. pipelines/configs/tiny.yaml (default: the config "
+                       "pipelines.end_to_end recorded in the run directory, else the built-in defaults)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--verbose", action="store_true", help="show Ray's own INFO logs on the console too")
+
+
+def stage_config(a: argparse.Namespace, overrides: list[str] | None = None):
+    """The stage's :class:`~deftrec.config.pipeline.PipelineConfig`: ``--config`` (or the config recorded
+    in ``--run-dir``, or the defaults) with ``--set`` and then ``overrides`` (flags) applied."""
+    from deftrec.config.pipeline import load_run_config
+
+    return load_run_config(getattr(a, "run_dir", None), a.config, [*a.set, *(overrides or [])])
 
 
 def add_distributed_flags(p: argparse.ArgumentParser) -> None:
@@ -45,7 +54,7 @@ def add_distributed_flags(p: argparse.ArgumentParser) -> None:
 
 def distributed_overrides(a: argparse.Namespace) -> list[str]:
     """CLI flags -> ``distributed.*`` overrides (flags win over the preset)."""
-    out = list(a.set)
+    out = []
     for flag in ("num_workers", "storage_path", "name", "max_failures", "cpus_per_worker"):
         v = getattr(a, flag, None)
         if v is not None:

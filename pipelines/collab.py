@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines._cli import add_distributed_flags, distributed_overrides, run
+from pipelines._cli import add_distributed_flags, distributed_overrides, run, stage_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,13 +25,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from deftrec.artifacts.collab import collab_fingerprint
-        from deftrec.config.pipeline import load_pipeline_config
         from deftrec.core.artifacts import up_to_date
         from deftrec.training.collab_job import train_collab_distributed
 
         run_dir = Path(a.run_dir)
         out = run_dir / "collab"
-        cfg = load_pipeline_config(a.config, distributed_overrides(a))
+        cfg = stage_config(a, distributed_overrides(a))
         if not a.force and up_to_date(out, collab_fingerprint(cfg.model.collab, run_dir / "data")):
             print(f"[collab] {out} is up to date (same config and data); --force retrains")
             return 0

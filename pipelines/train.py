@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines._cli import add_distributed_flags, distributed_overrides, run
+from pipelines._cli import add_distributed_flags, distributed_overrides, run, stage_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     def body() -> int:
-        from deftrec.config.pipeline import load_pipeline_config
         from deftrec.training.driver import train_distributed
 
         overrides = distributed_overrides(a)
@@ -35,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"distributed.zero_stage={a.zero_stage}")
         if a.debug_steps is not None:
             overrides.append(f"distributed.debug_steps={a.debug_steps}")
-        cfg = load_pipeline_config(a.config, overrides)
-        res = train_distributed(cfg.deftrec_config(), cfg.distributed, Path(a.run_dir), run_name=cfg.name,
+        cfg = stage_config(a, overrides)
+        res = train_distributed(cfg.model, cfg.distributed, Path(a.run_dir), run_name=cfg.name,
                                 export=not a.no_export)
         st = res.state
         print("\n== summary ==")

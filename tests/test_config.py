@@ -122,4 +122,4 @@ def test_section_defaults_follow_the_method():
     assert (dz.T, dz.beta_start, dz.beta_end, dz.n_neg, dz.lambda_neg, dz.batch_mul) == (1000, 1e-4, 0.02, 10, 0.5, 1)
     assert (tk.K, tk.mask_ratio, tk.combine) == (2, 0.1, "none")
     # a pipeline config without model sections gets these defaults
-    assert PipelineConfig().deftrec_config().condition == "prompt_state"
+    assert PipelineConfig().model.condition == "prompt_state"

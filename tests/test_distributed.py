@@ -221,13 +221,13 @@ def run_dir(ray_session, tmp_path_factory) -> Path:
     from deftrec.config.pipeline import load_pipeline_config
     from deftrec.data.samples import load_dataset
     from deftrec.end_to_end import run_pipeline
-    from deftrec.training.local import fit_collab
+    from deftrec.training.collab_job import fit_collab
 
     d = tmp_path_factory.mktemp("dist_run")
     pcfg = load_pipeline_config(TINY, ["stages=[synth,preprocess]", "data.synth.users=300", "data.synth.items=120",
                                        "data.synth.mean_length=20", "collab.epochs=4", *TRAIN])
     run_pipeline(pcfg, d, log=lambda s: None)
-    cfg = pcfg.deftrec_config()
+    cfg = pcfg.model
     U, E, hist = fit_collab(cfg, load_dataset(d / "data"), log=None)
     save_collab(d / "collab", U, E, cfg.collab, hist)
     return d

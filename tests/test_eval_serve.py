@@ -22,16 +22,23 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def _train_and_export(data_dir, out_dir, seed: int):
-    from deftrec.artifacts.model import export_model
+    """The tiny preset briefly trained by the pipeline's training job (one worker) and exported to ``out_dir``."""
+    import shutil
+
     from deftrec.config.pipeline import load_deftrec_config
-    from deftrec.training.local import train_local
+    from tests.conftest import train_and_export
 
     cfg = load_deftrec_config(REPO / "pipelines/configs/tiny.yaml", [
         "train.max_steps=6", "train.warmup_steps=2", "train.validate_every=6", "train.valid_users=40",
         "collab.epochs=2",
         f"train.seed={seed}", "eval.steps=5"])
-    model, _ = train_local(cfg, data_dir, log=None)
-    export_model(model, out_dir)
+    work = Path(out_dir).parent / f"train-{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "data").exists():
+        (work / "data").symlink_to(Path(data_dir).resolve(), target_is_directory=True)
+    model, _ = train_and_export(work, cfg)
+    if Path(out_dir) != work / "model":
+        shutil.copytree(work / "model", out_dir)
     return model
 
 

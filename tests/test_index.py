@@ -27,7 +27,7 @@ def keys():
 def test_flat_equals_brute_force(keys, metric):
     rng = np.random.default_rng(1)
     q = rng.standard_normal((50, 16)).astype(np.float32)
-    idx = build_index(keys, IndexConfig(metric=metric))
+    idx = build_index(keys, IndexConfig(), metric)
     ids, scores = search(idx, q, 10, metric)
     assert (ids == exact_topk(keys, q, 10, metric)).all()
     # scores are the DeftRec scores: -||q - e||^2 or <q, e>
@@ -91,6 +91,6 @@ def test_save_load_roundtrip(keys, tmp_path):
 
 def test_bad_config_and_factory():
     with pytest.raises(ValueError, match="metric"):
-        IndexConfig(metric="cosine")
+        build_index(np.zeros((10, 4), np.float32), IndexConfig(), "cosine")
     with pytest.raises(ValueError, match="invalid FAISS factory"):
         build_index(np.zeros((10, 4), np.float32), IndexConfig(factory="NotAnIndex"))

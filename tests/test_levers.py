@@ -294,48 +294,61 @@ def toy_data(tmp_path_factory, ray_session):
 @pytest.mark.parametrize("lever", sorted(LEVERS))
 @pytest.mark.parametrize("on", [True, False], ids=["on", "off"])
 def test_each_lever_trains_and_evaluates_both_ways(lever, on, toy_data, cache):
-    from deftrec.training.local import train_local
+    """Each setting reaches the model, its training task takes finite optimiser steps (the model and
+    task the training loop steps) and the trained model evaluates through the retrieval path."""
+    from deftrec.training.optim import build_optimizer, make_batch
     from deftrec.training.validation import evaluate
 
     setting = LEVERS[lever][0 if on else 1].split()
-    cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "collab.dim=8", "train.max_steps=6",
-                                     "train.warmup_steps=1", "train.valid_users=20", "train.batch_size=8",
-                                     "train.log_every=3", *setting])
+    cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "collab.dim=8", "train.batch_size=8", *setting])
     rng = np.random.default_rng(0)
-    collab = (rng.normal(size=(toy_data.n_users, 8)).astype(np.float32),
-              rng.normal(size=(toy_data.n_items, 8)).astype(np.float32))
-    model, history = train_local(cfg, toy_data, collab=collab, log=None)
+    model = DeftRec.from_config(cfg, rng.normal(size=(toy_data.n_items, 8)).astype(np.float32),
+                                None, toy_data.catalog)
     for s in setting:
         key, value = s.split("=")
         section, _, field = key.rpartition(".")
         obj = getattr(model.cfg, section) if section else model.cfg
         assert str(getattr(obj, field)).lower() == value.lower()
-    assert all(np.isfinite(r["total"]) for r in history["train"])
+    samples = build_training_samples(toy_data.train_sequences, toy_data.users, **sample_options(model.cfg))
+    task, opt, gen = DeftRecTask(model), build_optimizer(model, model.cfg), torch.Generator().manual_seed(0)
+    model.train()
+    for step in range(3):
+        parts = task(make_batch(model, samples, np.arange(step * 8, step * 8 + 8) % len(samples)), generator=gen)
+        assert all(np.isfinite(float(v)) for v in parts.values())
+        parts["total"].backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
     m = evaluate(model, toy_data.test.subset(np.arange(30)))["history_excluded"]
     assert 0.0 <= m["ndcg@10"] <= 1.0 and np.isfinite(m["ndcg@10"])
 
 
-def test_plateau_decay_anneals_the_lr_after_every_validation_without_a_gain(toy_data, cache):
-    """train.plateau_decay: the learning rate of every later step is the schedule's times
-    decay ** (validations without a gain so far)."""
-    from deftrec.training.optim import lr_factor
-    from deftrec.training.local import train_local
+def test_plateau_decay_anneals_the_lr_after_every_validation_without_a_gain(toy_data, cache, tmp_path):
+    """train.plateau_decay in the training loop: the learning rate of every later step is the
+    schedule's times decay ** (validations without a gain so far)."""
+    import shutil
 
-    cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "collab.dim=8", "train.max_steps=12",
-                                     "train.warmup_steps=1", "train.valid_users=20", "train.batch_size=8",
-                                     "train.log_every=1", "train.validate_every=1", "train.patience=null",
-                                     "train.plateau_decay=0.5", "train.min_lr_ratio=1.0"])
-    rng = np.random.default_rng(0)
-    collab = (rng.normal(size=(toy_data.n_users, 8)).astype(np.float32),
-              rng.normal(size=(toy_data.n_items, 8)).astype(np.float32))
-    _, history = train_local(cfg, toy_data, collab=collab, log=None)
-    scores = [v["history_excluded"]["ndcg@10"] for v in history["valid"]]
-    best, bad_after = -1.0, []
-    for s in scores:  # validation i follows step i + 1 (and its log line)
-        bad_after.append((bad_after[-1] if bad_after else 0) + (s <= best))
-        best = max(best, s)
+    from deftrec.training.optim import lr_factor
+    from tests.conftest import train_and_export
+
+    shutil.copytree(toy_data.root, tmp_path / "data")
+    cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "collab.dim=8", "collab.epochs=1",
+                                     "train.max_steps=12", "train.warmup_steps=1", "train.valid_users=20",
+                                     "train.batch_size=8", "train.log_every=1", "train.validate_every=1",
+                                     "train.patience=null", "train.plateau_decay=0.5", "train.min_lr_ratio=1.0",
+                                     "diffusion.hidden=32", "eval.steps=1"])
+    from deftrec.training.checkpoint import read_trainer_state
+
+    _, res = train_and_export(tmp_path, cfg)
+    validations = read_trainer_state(res.latest_checkpoint).validations  # the run's whole history
+    assert [v["step"] for v in validations] == list(range(1, 13))
+    best, bad, bad_after = -1.0, 0, []
+    for v in validations:
+        bad += v["history_excluded"]["ndcg@10"] <= best
+        best = max(best, v["history_excluded"]["ndcg@10"])
+        bad_after.append(bad)
     assert bad_after[-1] > 0, "no validation without a gain: the test exercises nothing"
-    lrs = {r["step"]: r["lr"] for r in history["train"]}
-    for step in range(2, 13):  # logged at a step: the next step's lr, set before that step's validation
+    for v in validations[1:]:  # recorded at step s: the lr of step s + 1, before this validation counts
+        step = v["step"]
         want = cfg.train.lr * lr_factor(step, 1, 12, 1.0) * 0.5 ** bad_after[step - 2]
-        assert lrs[step] == pytest.approx(want), step
+        assert v["lr"] == pytest.approx(want), step

@@ -34,7 +34,7 @@ def _cluster_main(work: str) -> None:
     from deftrec.end_to_end import run_pipeline
     from deftrec.training.checkpoint import read_trainer_state
     from deftrec.training.driver import train_distributed
-    from deftrec.training.local import fit_collab
+    from deftrec.training.collab_job import fit_collab
 
     work_dir = Path(work)
     events = str(work_dir / "events.txt")
@@ -53,7 +53,7 @@ def _cluster_main(work: str) -> None:
                  "train.valid_users=16", "eval.batch_size=8", "eval.steps=1", "diffusion.hidden=64"]
     pcfg = load_pipeline_config(TINY, overrides)
     run_pipeline(pcfg, work_dir, log=lambda s: None)
-    cfg = pcfg.deftrec_config()
+    cfg = pcfg.model
     U, E, hist = fit_collab(cfg, load_dataset(work_dir / "data"), log=None)
     save_collab(work_dir / "collab", U, E, cfg.collab, hist)
 

@@ -57,13 +57,13 @@ def _prepared(run_dir: Path, seed: int) -> None:
     from deftrec.config.pipeline import load_pipeline_config
     from deftrec.data.samples import load_dataset
     from deftrec.end_to_end import run_pipeline
-    from deftrec.training.local import fit_collab
+    from deftrec.training.collab_job import fit_collab
 
     pcfg = load_pipeline_config(TINY, ["stages=[synth,preprocess]", "data.synth.users=120", "data.synth.items=48",
                                        "data.synth.mean_length=16", f"data.synth.seed={seed}",
                                        "data.preprocess.item_core=1", "collab.epochs=1", *TRAIN])
     run_pipeline(pcfg, run_dir, log=lambda s: None)
-    cfg = pcfg.deftrec_config()
+    cfg = pcfg.model
     U, E, hist = fit_collab(cfg, load_dataset(run_dir / "data"), log=None)
     save_collab(run_dir / "collab", U, E, cfg.collab, hist)
 

@@ -138,9 +138,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: 
     if not (ckpt / STATE_FILE).is_file() or not (ckpt / WEIGHTS_FILE).is_file():
         raise ArtifactError(f"{ckpt}: not a DeftRec training checkpoint ({STATE_FILE} and {WEIGHTS_FILE} expected)")
     state = json.loads((ckpt / STATE_FILE).read_text())
-    cfg_dict = dict(state["config"])
-    cfg_dict["train"] = {**cfg_dict["train"], "device": "cpu"}
-    cfg = from_dict(DeftRecConfig, cfg_dict, "config")
+    cfg = from_dict(DeftRecConfig, dict(state["config"]), "config")
     weights = load_file(str(ckpt / WEIGHTS_FILE))
     exact = item_emb is not None
     E = torch.as_tensor(item_emb) if exact else weights["item_emb"].float()
@@ -161,6 +159,13 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, catalog: 
     model.eval()
     info = {"step": state.get("step"), "best_step": state.get("best_step"), **(extra or {})}
     return export_model(model, out_dir, extra=info)
+
+
+def retrieval_metric(path: str | Path) -> str:
+    """The export's ranking rule (its ``eval.score``: ``l2`` or ``ip``), which the index must share."""
+    root = Path(path)
+    read_manifest(root, files=("config.json",))
+    return json.loads((root / "config.json").read_text())["eval"]["score"]
 
 
 def load_item_keys(path: str | Path) -> np.ndarray:
@@ -201,7 +206,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", verify: boo
     d = json.loads((root / "config.json").read_text())
     d.pop("source_llm", None)
     d["llm"]["name_or_path"] = str(root / "llm")
-    d["train"]["device"] = str(device)
     cfg = from_dict(DeftRecConfig, d, "config")
     llm = AutoModelForCausalLM.from_pretrained(str(root / "llm"), dtype=torch_dtype(cfg.llm))
     tok = AutoTokenizer.from_pretrained(str(root / "llm"))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deftrec.config.jobs import IndexConfig
+from deftrec.core.config import from_dict
 from deftrec.core.artifacts import (
     ArtifactError,
     artifact_version,
@@ -31,9 +32,13 @@ __all__ = ["LoadedVersion", "load_version"]
 
 
 def _load_model(model_dir: str) -> Any:
+    """The export on this process's GPU when Ray gave it one (an actor or replica with ``num_gpus``;
+    Ray hides the GPUs from the others), else on the CPU."""
+    import torch
+
     from deftrec.artifacts.model import load_model
 
-    return load_model(model_dir)
+    return load_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -69,5 +74,5 @@ def load_version(model_dir: str | Path, index_dir: str | Path, *, loader: Callab
     model = (loader or _load_model)(str(model_dir))
     model.eval()
     rec = DeftRecRecommender(model, inference_overrides(model.cfg.eval, sampler, steps, seed))
-    searcher = IndexSearch(load_index(index_dir, IndexConfig(**im["config"])), im["metric"])
+    searcher = IndexSearch(load_index(index_dir, from_dict(IndexConfig, im["config"], "index")), im["metric"])
     return LoadedVersion(model, rec, searcher, version, str(im.get("version")), time.time() - t0)

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import pyarrow.parquet as pq
 
-from deftrec.artifacts.model import load_item_keys
+from deftrec.artifacts.model import load_item_keys, retrieval_metric
 from deftrec.config.jobs import IndexConfig
 from deftrec.core.artifacts import (
     ArtifactError,
@@ -86,9 +86,10 @@ def run_index_job(run_dir: str | Path, cfg: IndexConfig, force: bool = False, lo
         t_embed = time.time() - t0
         log(f"[index] {len(keys):,} item keys of dim {keys.shape[1]} ({t_embed:.1f}s); building {cfg.factory}")
         t1 = time.time()
-        index = build_index(keys, cfg, ids=items)
+        metric = retrieval_metric(model_dir)
+        index = build_index(keys, cfg, metric, ids=items)
         save_index(index, tmp)
-        info = describe(index, cfg, keys)
+        info = describe(index, cfg, keys, metric)
         manifest = {"kind": "index", "schema_version": 1, "config": to_dict(cfg), "model_version": version,
                     "version": f"{version}-{fp[:8]}", "fingerprint": fp, **info,
                     "seconds": {"embed": round(t_embed, 3), "build": round(time.time() - t1, 3)}}

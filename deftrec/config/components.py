@@ -171,23 +171,25 @@ class PromptConfig:
     holds the continuous tokens only: the shortest prompt, for from-scratch LLMs).
     ``K``: continuous tokens per item (tokenizer branches); with ``combine_sum`` the branches are summed into
     one token, so each item gets a single placeholder ``<collab_0>``. ``user_tokens`` adds a user slot.
+    These three follow the ``tokenizer`` section: leave them unset (null) in a preset;
+    :class:`~deftrec.config.model.DeftRecConfig` fills them and refuses an explicit value that differs.
     ``item_markers``: True (the method) wraps each history item's placeholders in ``<diff>..</diff>``
     followed by a comma; False writes them bare, one after the other (K tokens per item instead of
     K + 4: a 2-3x shorter prompt without titles, which a from-scratch LLM reads faster and no worse).
     """
 
     domain: str = "product"
-    K: int = 2
+    K: int | None = None  # derived: tokenizer.K
     max_title_chars: int = 40
     max_history: int = 20
-    user_tokens: bool = False
-    combine_sum: bool = False
+    user_tokens: bool | None = None  # derived: tokenizer.user_tokens
+    combine_sum: bool | None = None  # derived: tokenizer.combine == "sum"
     item_markers: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.domain, str) or not self.domain.strip():
             raise ValueError("PromptConfig.domain must be a non-empty string, e.g. 'music'")
-        if self.K < 1:
+        if self.K is not None and self.K < 1:
             raise ValueError(f"PromptConfig.K must be >= 1, got {self.K}")
         if self.max_title_chars < 0:
             raise ValueError(f"PromptConfig.max_title_chars must be >= 0 (0: no titles), got {self.max_title_chars}")
@@ -199,6 +201,8 @@ class PromptConfig:
     @property
     def slots(self) -> int:
         """Placeholders per entity: K, or 1 with ``combine_sum``."""
+        if self.K is None:
+            raise ValueError("prompt.K is derived from tokenizer.K: build the prompt config through DeftRecConfig")
         return 1 if self.combine_sum else self.K
 
 

@@ -17,8 +17,10 @@ BASELINE_NAMES = ("popularity", "markov", "ease", "sasrec")
 
 @dataclasses.dataclass
 class IndexConfig:
+    """The FAISS index over a model export's item keys. Its metric is not set here: it is the export's
+    ``eval.score`` (one ranking rule for training, validation, the index and serving)."""
+
     factory: str = "Flat"
-    metric: str = "l2"  # "l2" (DeftRec's -||x - E_i||^2) | "ip"
     ef_search: int = 128  # HNSW
     nprobe: int = 16  # IVF
     train_sample: int = 100_000  # IVF/PQ training sample size
@@ -26,8 +28,6 @@ class IndexConfig:
     seed: int = 42
 
     def __post_init__(self):
-        if self.metric not in ("l2", "ip"):
-            raise ValueError(f"metric must be 'l2' or 'ip', got {self.metric!r}")
         if not self.factory.strip():
             raise ValueError("factory must be a FAISS factory string such as 'Flat' or 'HNSW32,Flat'")
         for name in ("ef_search", "nprobe", "train_sample", "recall_queries"):

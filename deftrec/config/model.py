@@ -108,9 +108,6 @@ class InferenceConfig:
 # --------------------------------------------------------------------------------------------- composite
 
 
-_PROMPT_DEFAULTS = PromptConfig()
-
-
 @dataclass
 class DeftRecConfig:
     """The whole model: sections above plus cross-field validation.
@@ -162,12 +159,13 @@ class DeftRecConfig:
                              "the null condition of classifier-free guidance is never trained otherwise")
 
     def _sync_prompt(self) -> None:
-        """prompt.K / combine_sum / user_tokens follow ``tokenizer``; an explicit conflicting value is an error."""
+        """prompt.K / combine_sum / user_tokens follow ``tokenizer``: unset ones are filled, an explicit
+        value that differs is an error (whatever it is: a default-valued one is not taken for unset)."""
         derived = {"K": self.tokenizer.K, "combine_sum": self.tokenizer.combine == "sum",
                    "user_tokens": self.tokenizer.user_tokens}
         for name, value in derived.items():
             current = getattr(self.prompt, name)
-            if current != value and current != getattr(_PROMPT_DEFAULTS, name):
+            if current is not None and current != value:
                 src = {"K": "tokenizer.K", "combine_sum": "tokenizer.combine", "user_tokens": "tokenizer.user_tokens"}
                 raise ValueError(f"prompt.{name}={current!r} contradicts {src[name]}; set it in the tokenizer "
                                  "section only (the prompt layout is derived from it)")

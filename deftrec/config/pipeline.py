@@ -12,13 +12,14 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from deftrec.config.data import SynthConfig
+from deftrec.config.data import PreprocessConfig, SynthConfig
 from deftrec.config.jobs import EvaluateJobConfig, IndexConfig
 from deftrec.config.model import DeftRecConfig
 from deftrec.config.training import DistributedConfig
-from deftrec.core.config import ConfigError, apply_overrides, from_dict, load_yaml
+from deftrec.core.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 STAGES = ("synth", "preprocess", "collab", "train", "index", "evaluate")
+_PREPROCESS_MAX_HISTORY = next(f.default for f in dataclasses.fields(PreprocessConfig) if f.name == "max_history")
 
 
 @dataclasses.dataclass
@@ -56,10 +57,23 @@ class PipelineConfig:
             raise ConfigError(f"stages: unknown stage(s) {bad}; available: {list(STAGES)}")
         if "synth" in self.stages and self.data.synth is None:
             raise ConfigError("stages includes 'synth' but data.synth is not set")
+        self.validate_sections()
 
-    def deftrec_config(self) -> DeftRecConfig:
-        """The model part (cross-validated when the config was built)."""
-        return self.model
+    def validate_sections(self) -> None:
+        """The rules that span sections, checked where the whole config is known; each names both fields.
+
+        The ranking rule has one setting, ``eval.score``: training's cross-entropy, validation, the
+        FAISS index (which reads it from the model export), batch evaluation and serving all use it.
+        """
+        data_window = self.data.preprocess.get("max_history", _PREPROCESS_MAX_HISTORY)
+        prompt_window = self.model.prompt.max_history
+        if isinstance(data_window, int) and data_window < prompt_window:
+            raise ConfigError(f"data.preprocess.max_history ({data_window}) must be >= prompt.max_history "
+                              f"({prompt_window}): the evaluation splits keep only data.preprocess.max_history "
+                              "items of each history, so the prompt would read a shorter window than it trains on")
+        if self.model.collab.device != "cpu" and not self.distributed.use_gpu:
+            raise ConfigError(f"collab.device={self.model.collab.device!r} needs distributed.use_gpu=true: LightGCN "
+                              "trains on Ray Train workers, which reserve a GPU only with distributed.use_gpu")
 
 
 def pipeline_config_from_dict(data: dict) -> PipelineConfig:
@@ -91,4 +105,45 @@ def load_deftrec_config(path: str | Path | None, overrides: list[str] | None = N
     ``overrides`` are ``a.b=value`` strings, e.g. ``["train.max_steps=100", "condition=hidden_states"]``.
     Raises :class:`~deftrec.core.config.ConfigError` naming the offending field.
     """
-    return load_pipeline_config(path, overrides).deftrec_config()
+    return load_pipeline_config(path, overrides).model
+
+
+#: The resolved config of a run, written into the run directory by ``pipelines.end_to_end``.
+RUN_CONFIG_FILE = "pipeline_config.json"
+
+
+def preset_dict(cfg: PipelineConfig) -> dict:
+    """``cfg`` in a preset's layout (model sections at the top level): what :func:`pipeline_config_from_dict`
+    reads back into an equal config."""
+    d = to_dict(cfg)
+    model = d.pop("model")
+    model.pop("d_llm", None)
+    return {**d, **model}
+
+
+def save_run_config(cfg: PipelineConfig, run_dir: str | Path) -> Path:
+    """Record the resolved config in ``RUN_DIR/pipeline_config.json`` (atomic), for the standalone stages."""
+    from deftrec.core.artifacts import write_json_atomic
+
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    write_json_atomic(path, preset_dict(cfg))
+    return path
+
+
+def load_run_config(run_dir: str | Path | None, path: str | Path | None,
+                    overrides: list[str] | None = None) -> PipelineConfig:
+    """The config a standalone stage runs with: the preset ``path`` when given, otherwise the config
+    recorded in ``run_dir`` by ``pipelines.end_to_end`` (so the stage reproduces that run's settings and
+    fingerprints), otherwise the built-in defaults; ``overrides`` apply on top of each."""
+    if path is not None:
+        return load_pipeline_config(path, overrides)
+    recorded = Path(run_dir) / RUN_CONFIG_FILE if run_dir is not None else None
+    if recorded is not None and recorded.is_file():
+        import json
+
+        try:
+            data = json.loads(recorded.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{recorded}: not valid JSON ({e}); pass --config") from None
+        return pipeline_config_from_dict(apply_overrides(data, overrides or []))
+    return load_pipeline_config(None, overrides)

@@ -46,7 +46,6 @@ class TrainConfig:
     # (reduce on plateau: validation, not a per-dataset setting, decides when to anneal); 1: off
     plateau_decay: float = 1.0
     log_every: int = 50  # optimiser steps between progress lines
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("lr", "llm_lr", "weight_decay", "lambda_lm"):
@@ -76,8 +75,6 @@ class TrainConfig:
                 raise ValueError("train.grad_clip must be > 0 or null (disabled)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"train.seed must be an int >= 0, got {self.seed!r}")
-        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
 
 @dataclass

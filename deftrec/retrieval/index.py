@@ -31,20 +31,23 @@ def _faiss():
     return faiss
 
 
-def _metric(cfg: IndexConfig):
+def _faiss_metric(metric: str):
     faiss = _faiss()
-    return faiss.METRIC_L2 if cfg.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    if metric not in ("l2", "ip"):
+        raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
 
-def build_index(keys: np.ndarray, cfg: IndexConfig, ids: Optional[np.ndarray] = None):
-    """Build and fill a FAISS index over ``keys`` [N, d] (float32). Raises ConfigError on a bad factory."""
+def build_index(keys: np.ndarray, cfg: IndexConfig, metric: str = "l2", ids: Optional[np.ndarray] = None):
+    """Build and fill a FAISS index over ``keys`` [N, d] (float32) ranking by ``metric`` (the model's
+    ``eval.score``). Raises ConfigError on a bad factory."""
     faiss = _faiss()
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     if keys.ndim != 2 or len(keys) == 0:
         raise ValueError(f"keys must be a non-empty [N, d] matrix, got shape {keys.shape}")
     n, d = keys.shape
     try:
-        base = faiss.index_factory(d, cfg.factory, _metric(cfg))
+        base = faiss.index_factory(d, cfg.factory, _faiss_metric(metric))
     except RuntimeError as e:
         raise ConfigError(f"invalid FAISS factory string {cfg.factory!r} for dimension {d}: {e}") from None
     if not base.is_trained:
@@ -153,14 +156,14 @@ def load_index(directory: str | Path, cfg: Optional[IndexConfig] = None):
     return index
 
 
-def describe(index, cfg: IndexConfig, keys: np.ndarray) -> dict:
+def describe(index, cfg: IndexConfig, keys: np.ndarray, metric: str = "l2") -> dict:
     """Manifest fields: factory, search parameters, size, dimension, recall@10 vs exact, timings."""
     queries = benchmark_queries(keys, cfg.recall_queries, cfg.seed)
     t0 = time.perf_counter()
-    rec = recall_at_k(index, keys, queries, 10, cfg.metric)
+    rec = recall_at_k(index, keys, queries, 10, metric)
     return {
         "factory": cfg.factory,
-        "metric": cfg.metric,
+        "metric": metric,
         "search_params": apply_search_params(index, cfg),
         "items": int(index.ntotal),
         "dim": int(keys.shape[1]),

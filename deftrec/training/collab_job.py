@@ -18,7 +18,9 @@ import numpy as np
 from deftrec.config.components import LightGCNConfig
 
 if TYPE_CHECKING:
+    from deftrec.config.model import DeftRecConfig
     from deftrec.config.training import DistributedConfig
+    from deftrec.data.samples import PreprocessedData
 from deftrec.artifacts.collab import (
     CollabArtifact,
     collab_fingerprint,
@@ -26,6 +28,7 @@ from deftrec.artifacts.collab import (
     save_collab,
 )
 from deftrec.core.log import Log, quiet_worker_logs, rank_zero, writer
+from deftrec.training.ray_job import storage_path as default_storage, torch_trainer
 
 
 @dataclass
@@ -35,7 +38,7 @@ class _CollabContext:
     items: np.ndarray
     n_users: int
     n_items: int
-    valid: tuple[np.ndarray, Any, np.ndarray]
+    valid: tuple[np.ndarray, Any, np.ndarray]  # (users, exclusions, targets), see lightgcn.Valid
     threads: int
     use_gpu: bool
 
@@ -71,6 +74,21 @@ def _collab_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def fit_collab(cfg: DeftRecConfig, data: PreprocessedData, log: Log | None = print
+               ) -> tuple[np.ndarray, np.ndarray, list]:
+    """(U, E, history): LightGCN in this process, on the training sequences only (s[:-2]), with the
+    validation the Ray Train job's workers run (:func:`_collab_worker` calls the same
+    :func:`~deftrec.training.lightgcn.train_lightgcn` with the same exclusions). For tests and
+    notebooks on one machine."""
+    from deftrec.data.samples import training_pairs
+    from deftrec.training.lightgcn import train_lightgcn
+
+    users, items = training_pairs(data)
+    v = data.valid
+    return train_lightgcn(users, items, data.n_users, data.n_items, cfg.collab,
+                          valid=(v.users, v.exclusions, v.targets), log=log)
+
+
 def train_collab_distributed(
     cfg: LightGCNConfig,
     data_dir: str | Path,
@@ -84,14 +102,14 @@ def train_collab_distributed(
     """LightGCN as a Ray Train job (TorchTrainer; DDP over ``dist.num_workers`` workers) -> ``out_dir``.
 
     Trains on the training sequences s[:-2] only; early stopping and the returned embeddings follow
-    validation HR@10 (see :func:`~deftrec.training.lightgcn.train_lightgcn`). The Ray Train run is
+    validation HR@10 with each user's whole sequence before the target excluded, as every model is
+    measured (see :func:`~deftrec.training.lightgcn.train_lightgcn`). The Ray Train run is
     ``{storage}/{dist.name}-collab``, or ``{storage}/{run_name}`` when ``dist.name`` is unset (default
     storage ``out_dir/../ray_results``). LightGCN trains in
     minutes, so a restarted worker group starts it over (``dist.max_failures`` restarts).
     """
     import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from deftrec.config.training import DistributedConfig
     from deftrec.core.cluster import ensure_ray
@@ -103,24 +121,13 @@ def train_collab_distributed(
     data = load_dataset(data_dir)
     users, items = training_pairs(data)
     v = data.valid
-    storage = storage_path or dist.storage_path or str((out_dir.parent / "ray_results").resolve())
+    storage = storage_path or default_storage(dist, out_dir.parent)
     # dist.name is shared with the training job, which must not resume this run: suffix it.
     name = f"{dist.name}-collab" if dist.name else run_name
     ensure_ray()
     context = _CollabContext(cfg=cfg, users=users, items=items, n_users=data.n_users, n_items=data.n_items,
-                             valid=(v.users, v.histories, v.targets), threads=dist.threads, use_gpu=dist.use_gpu)
-    trainer = TorchTrainer(
-        _collab_worker,
-        train_loop_config={"context": ray.put(context)},
-        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
-                                               resources_per_worker={"CPU": dist.cpus_per_worker},
-                                               placement_strategy=dist.placement_strategy),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
-                                       # ray.train.* below WARNING
-                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-    )
+                             valid=(v.users, v.exclusions, v.targets), threads=dist.threads, use_gpu=dist.use_gpu)
+    trainer = torch_trainer(_collab_worker, {"context": ray.put(context)}, dist, name=name, storage=storage)
     say(f"[collab] LightGCN on {dist.num_workers} worker(s): {users.size:,} training interactions, "
         f"{data.n_users:,} users, {data.n_items:,} items")
     result = trainer.fit()

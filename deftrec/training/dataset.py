@@ -75,21 +75,16 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def plan_steps(n_samples: int, train: TrainConfig, world_size: int, debug_steps: int | None = None,
-               drop_last: bool = True) -> tuple[int, int]:
-    """(steps per epoch, total steps): the one step planner of both training loops.
+def plan_steps(n_samples: int, train: TrainConfig, world_size: int, debug_steps: int | None = None
+               ) -> tuple[int, int]:
+    """(steps per epoch, total steps) of the training loop.
 
     ``n_samples`` are split equally over ``world_size`` ranks: each rank gets floor(n / world) (Ray's
-    equal split). ``drop_last=True`` (the Ray Train loop): a rank forms floor(. / micro) full
-    micro-batches and floor(. / accum) optimizer steps of them. ``drop_last=False`` (``train_local``,
-    one rank): the last, incomplete step is kept, ceil(. / (micro x accum)) steps. Total = min(epochs
-    x per-epoch, max_steps, debug_steps).
+    equal split), forms floor(. / micro) full micro-batches and floor(. / accum) optimizer steps of
+    them. Total = min(epochs x per-epoch, max_steps, debug_steps).
     """
     per_rank = n_samples // world_size
-    if drop_last:
-        spe = (per_rank // train.batch_size) // train.grad_accum
-    else:
-        spe = -(-per_rank // (train.batch_size * train.grad_accum))
+    spe = (per_rank // train.batch_size) // train.grad_accum
     if spe < 1:
         raise ConfigError(f"{n_samples} samples over {world_size} workers give no full optimizer step of "
                           f"{train.batch_size} x {train.grad_accum} samples per worker")

@@ -75,6 +75,7 @@ from deftrec.training.checkpoint import (
     run_inputs,
 )
 from deftrec.training.dataset import build_train_dataset, plan_steps
+from deftrec.training.ray_job import storage_path, torch_trainer
 from deftrec.training.worker import _WorkerContext, train_loop_per_worker
 
 __all__ = ["DistributedResult", "train_distributed", "train_fingerprint"]
@@ -107,10 +108,8 @@ def train_fingerprint(cfg: DeftRecConfig, dist: DistributedConfig, data_dir: str
     return stage_fingerprint({"model": to_dict(cfg), "distributed": to_dict(dist)}, run_inputs(data_dir, collab_dir))
 
 
-def _storage(run_dir: Path, cfg_name: str, dist: DistributedConfig, suffix: str = "") -> tuple[str, str]:
-    storage = dist.storage_path or str((run_dir / "ray_results").resolve())
-    name = (dist.name or cfg_name) + suffix
-    return storage, name
+def _storage(run_dir: Path, cfg_name: str, dist: DistributedConfig) -> tuple[str, str]:
+    return storage_path(dist, run_dir), dist.name or cfg_name
 
 
 def _previous_run(storage: str, name: str) -> tuple[Any, TrainerState] | None:
@@ -161,7 +160,6 @@ def train_distributed(
     """
     import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from deftrec.artifacts.collab import load_collab
     from deftrec.core.artifacts import ArtifactError
@@ -209,24 +207,12 @@ def train_distributed(
                              user_emb=collab.user_emb if cfg.tokenizer.user_tokens else None,
                              valid=valid, n_samples=n_samples, fingerprint=fp, inputs=inputs)
     ref = ray.put(context)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"context": ref, "step_callback": step_callback},
-        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
-                                               resources_per_worker={"CPU": dist.cpus_per_worker},
-                                               placement_strategy=dist.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
-            # ray.train.* below WARNING; the per-report "TrainingReport(...)" records are quieted in the
-            # workers (deftrec.core.log.quiet_ray_train_reports): LoggingConfig does not reach them
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=dist.num_to_keep,
-                                                         checkpoint_score_attribute=SCORE_KEY,
-                                                         checkpoint_score_order="max")),
+    trainer = torch_trainer(
+        train_loop_per_worker, {"context": ref, "step_callback": step_callback}, dist, name=name, storage=storage,
         datasets={"train": ds},
-    )
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=dist.num_to_keep,
+                                                     checkpoint_score_attribute=SCORE_KEY,
+                                                     checkpoint_score_order="max"))
     say(f"[deftrec] training on {dist.num_workers} worker(s) (ZeRO-{dist.zero_stage}); checkpoints in {storage}/{name}")
     result = trainer.fit()
     return _finish(result, data.catalog, collab, run_dir, storage, name, export, say, (stage_fp, fp, inputs))

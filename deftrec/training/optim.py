@@ -1,8 +1,8 @@
-"""deftrec.training.optim: the optimisation pieces shared by the Ray Train loop and :func:`train_local`.
+"""deftrec.training.optim: the optimisation pieces of the training loop (:mod:`deftrec.training.worker`).
 
-:func:`make_batch` (samples -> tokenised batch), :func:`build_optimizer` / :func:`build_scheduler`,
-:func:`train_step` (one optimiser step over a list of micro-batches: accumulate, clip, step) and the
-progress of the steps between two log lines (:class:`LossWindow`, :func:`step_line`).
+:func:`make_batch` (samples -> tokenised batch), :func:`build_optimizer` / :func:`build_scheduler`
+(DeepSpeed steps them) and the progress of the steps between two log lines (:class:`LossWindow`,
+:func:`step_line`).
 
 Learning-rate schedule (per optimiser step s, W warm-up steps, S total steps, r = min_lr_ratio)::
 
@@ -16,7 +16,6 @@ without a gain so far (:class:`PlateauScale`; 1 when the decay is off).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,42 +75,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DeftRecConfig, total_
         optimizer, lambda s: lr_factor(s, warmup, total_steps, t.min_lr_ratio) * scale())
 
 
-def train_step(
-    task: torch.nn.Module,
-    micro_batches: Sequence[dict[str, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    grad_clip: float | None = None,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """One optimiser step: sum of ``total / len(micro_batches)`` gradients, clip, step, zero.
-
-    Returns the loss parts averaged over the micro-batches and the pre-clip gradient norm.
-    ``task`` may be a DDP-wrapped :class:`DeftRecTask`.
-    """
-    if not micro_batches:
-        raise ValueError("need at least one micro-batch")
-    n = len(micro_batches)
-    sums = dict.fromkeys(LOSS_PARTS, 0.0)
-    for mb in micro_batches:
-        parts = task(mb, generator=generator)
-        (parts["total"] / n).backward()
-        for key in sums:
-            sums[key] += float(parts[key].detach()) / n
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if grad_clip is not None:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if scheduler is not None:
-        scheduler.step()
-    sums["grad_norm"] = norm
-    return sums
-
-
-#: The loss parts every training step reports (train_step and the DeepSpeed loop alike).
+#: The loss parts every training step reports.
 LOSS_PARTS = ("lm", "pos", "neg", "ce", "total")
 
 

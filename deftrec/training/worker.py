@@ -89,7 +89,7 @@ class _Run:
     rank: int
     world: int
     device: torch.device
-    cfg: DeftRecConfig  # the model's config (d_llm filled in; train.device = this worker's device)
+    cfg: DeftRecConfig  # the model's config (d_llm filled in)
     dist: DistributedConfig
     model: DeftRec
     engine: Any  # deepspeed.DeepSpeedEngine around DeftRecTask(model)
@@ -167,7 +167,7 @@ def _start(ctx: _WorkerContext, ckpt_dir: Path | None, callback: Callable[[int, 
     dist = ctx.dist
     torch.set_num_threads(dist.threads)
     device = _device(dist)
-    cfg = dataclasses.replace(ctx.cfg, train=dataclasses.replace(ctx.cfg.train, device=str(device)))
+    cfg = ctx.cfg
     precision = resolve_precision(dist.precision, dist.use_gpu)
     say = rank_zero(rank)
     steps_per_epoch, total = plan_steps(ctx.n_samples, cfg.train, world, dist.debug_steps)
@@ -248,7 +248,7 @@ def _build_engine(ctx: _WorkerContext, cfg: DeftRecConfig, device: torch.device,
 
 
 def _client_optimizer(model: DeftRec, cfg: DeftRecConfig, dist: DistributedConfig) -> torch.optim.Optimizer:
-    """train_local's AdamW (two groups), or DeepSpeed's CPU/fused Adam on the same groups."""
+    """torch's AdamW over the two groups of :func:`build_optimizer`, or DeepSpeed's CPU/fused Adam on them."""
     from deftrec.training.optim import build_optimizer
 
     opt = build_optimizer(model, cfg)
@@ -362,7 +362,9 @@ def _validate(run: _Run) -> dict[str, Any]:
     tv = time.perf_counter()
     metrics = run.validator()
     score = primary_score(metrics, run.cfg.eval.exclude_history)
-    s.validations.append({"step": s.step, "epoch": s.epoch + 1, **metrics, "seconds": time.perf_counter() - tv})
+    # lr: the next step's, set before this validation counts towards the plateau decay
+    s.validations.append({"step": s.step, "epoch": s.epoch + 1, **metrics, "seconds": time.perf_counter() - tv,
+                          "lr": run.scheduler.get_last_lr()[0]})
     run.say(valid_line(s.step, metrics))
     if score > s.best_score:
         s.best_score, s.best_step, s.bad_validations = score, s.step, 0
