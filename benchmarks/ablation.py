@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from deftrec.batch.registry import build_baselines
     from deftrec.config.pipeline import load_deftrec_config
     from deftrec.data.samples import load_dataset
-    from deftrec.training.local import fit_collab, train_local
+    from deftrec.training.collab_job import fit_collab
+    from deftrec.training.local import train_local
     from deftrec.training.validation import evaluate
 
     torch.set_num_threads(2)

@@ -44,7 +44,7 @@ def run_dir(ray_session, tmp_path_factory) -> Path:
 def _valid_hr10(U: np.ndarray, E: np.ndarray, data) -> float:
     v = data.valid
     scores = U[v.users] @ E.T
-    return evaluate_both_protocols(scores, v.targets, v.histories, ks=(10,))["history_excluded"]["hr@10"]
+    return evaluate_both_protocols(scores, v.targets, v.exclusions, ks=(10,))["history_excluded"]["hr@10"]
 
 
 def test_one_worker_job_equals_the_in_process_run(run_dir):
@@ -52,7 +52,7 @@ def test_one_worker_job_equals_the_in_process_run(run_dir):
     users, items = training_pairs(data)
     v = data.valid
     U_ref, E_ref, hist_ref = train_lightgcn(users, items, data.n_users, data.n_items, CFG,
-                                            valid=(v.users, v.histories, v.targets), log=None)
+                                            valid=(v.users, v.exclusions, v.targets), log=None)
     art = train_collab_distributed(CFG, run_dir / "data", run_dir / "collab1", DistributedConfig(num_workers=1),
                                    run_name="c1", log=None)
     # same seed, one DDP rank = the same optimisation, step for step
@@ -80,7 +80,7 @@ def test_two_worker_cli_job_beats_popularity_and_is_skipped_when_up_to_date(run_
     assert art.user_emb.shape == (data.n_users, 16) and art.item_emb.shape == (data.n_items, 16)
     pop = Popularity().fit(data.sequences_before("valid"), data.n_items)
     v = data.valid
-    pop_hr = evaluate_both_protocols(pop.score(v.histories), v.targets, v.histories, ks=(10,))
+    pop_hr = evaluate_both_protocols(pop.score(v.histories), v.targets, v.exclusions, ks=(10,))
     ours = _valid_hr10(art.user_emb, art.item_emb, data)
     assert ours > pop_hr["history_excluded"]["hr@10"], (ours, pop_hr)
     assert ours == pytest.approx(art.best_hr10)  # the artifact holds the best validated embeddings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deftrec.config.components import LightGCNConfig
+from deftrec.config.model import DeftRecConfig
+from deftrec.data.samples import EvalSet, ItemCatalog, PreprocessedData, Ragged
 from deftrec.model.lightgcn import LightGCN, build_norm_adj
+from deftrec.retrieval.metrics import evaluate_scores
+from deftrec.training.collab_job import fit_collab
 from deftrec.training.lightgcn import (
     _InteractionSet,
     epoch_shard,
@@ -257,6 +262,37 @@ def test_lightgcn_beats_popularity_on_planted_data():
     # early stopping: either stopped before the budget or used it with < patience bad evals at the end
     if len(hist) < cfg.epochs:
         assert evaluated[-3:] and max(evaluated[-3:]) <= max(evaluated[:-3])
+
+
+def _long_histories(n_users=24, n_items=30, length=22, max_history=3, seed=0) -> PreprocessedData:
+    """Every user saw 20 of 30 items before the validation target, but the split tables hold only the
+    prompt's 3 newest: the other 17 are training positives LightGCN ranks high unless excluded."""
+    rng = np.random.default_rng(seed)
+    seqs = [rng.permutation(n_items)[:length] for _ in range(n_users)]
+    sequences = Ragged.from_lists(seqs)
+    users = np.arange(n_users, dtype=np.int64)
+
+    def split(drop: int) -> EvalSet:  # target s[-drop]; seen: everything before it, like load_dataset
+        window = Ragged.from_lists([s[:-drop][-max_history:] for s in seqs])
+        return EvalSet(users, window, np.array([s[-drop] for s in seqs]), sequences.drop_last(drop))
+
+    return PreprocessedData(root=Path("."), users=users, sequences=sequences, catalog=ItemCatalog.synthetic(n_items),
+                            train=split(3), valid=split(2), test=split(1), n_users=n_users, n_items=n_items,
+                            manifest={})
+
+
+def test_validation_excludes_the_whole_history_not_only_the_prompt_window():
+    data = _long_histories()
+    cfg = DeftRecConfig(collab=LightGCNConfig(dim=8, epochs=3, eval_every=1, batch_size=64, seed=0))
+    U, E, hist = fit_collab(cfg, data, log=None)
+    v = data.valid
+    scores = U[v.users] @ E.T
+    whole = evaluate_scores(scores, v.targets, v.exclusions, ks=(10,))["hr@10"]
+    window = evaluate_scores(scores, v.targets, v.histories, ks=(10,))["hr@10"]
+    # 10 items are left once the 20 seen ones are masked: every target is in the top 10
+    assert whole == 1.0 and window < whole
+    assert max(h["hr@10"] for h in hist) == pytest.approx(whole)  # the returned embeddings are the best
+    assert hit_rate_at_k(U, E, v.users, v.exclusions, v.targets) == pytest.approx(whole)
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:

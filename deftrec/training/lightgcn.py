@@ -20,10 +20,13 @@ from torch import nn
 from deftrec.config.components import LightGCNConfig
 from deftrec.data.readers import InputError
 from deftrec.model.lightgcn import LightGCN, check_pairs, unique_pairs
+from deftrec.retrieval.metrics import evaluate_in_chunks
 
 __all__ = ["epoch_shard", "hit_rate_at_k", "sample_negatives", "train_lightgcn"]
 
-Valid = tuple[np.ndarray, Sequence[np.ndarray], np.ndarray]  # (users, histories, targets)
+# (users, exclusions, targets). Exclusions: each user's whole sequence before the target
+# (``EvalSet.exclusions``), not the prompt's window: the protocol every model is measured with.
+Valid = tuple[np.ndarray, Sequence[np.ndarray], np.ndarray]
 
 
 class _BPRObjective(nn.Module):
@@ -92,46 +95,24 @@ def hit_rate_at_k(
     U: np.ndarray | torch.Tensor,
     E: np.ndarray | torch.Tensor,
     users: np.ndarray,
-    histories: Sequence[np.ndarray],
+    exclusions: Sequence[np.ndarray],
     targets: np.ndarray,
     k: int = 10,
     chunk: int = 1024,
 ) -> float:
-    """HR@k over the full catalogue with each user's history items excluded.
-
-    Score s_ui = <U_u, E_i>; rank of the target = #{i : s_i > s_t} + #{i < t : s_i == s_t}
-    (ties broken by item id, like a stable sort), history items set to -inf. A target that
-    is itself in the history is excluded too and therefore counts as a miss.
-    Local helper for early stopping; the project-wide metrics live elsewhere.
-    """
-    U_t = torch.as_tensor(U, dtype=torch.float32)
-    E_t = torch.as_tensor(E, dtype=torch.float32)
+    """HR@k over the full catalogue with each user's ``exclusions`` masked: the project's protocol,
+    computed by the project's metrics (:func:`deftrec.retrieval.metrics.evaluate_in_chunks`), so
+    early stopping follows the number every evaluation reports. Scores are <U_u, E_i>, ties go
+    to the lower item id, and a target among the exclusions is a miss."""
+    U_np = U.detach().cpu().numpy() if isinstance(U, torch.Tensor) else np.asarray(U)
+    E_np = E.detach().cpu().numpy() if isinstance(E, torch.Tensor) else np.asarray(E)
     users = np.asarray(users, dtype=np.int64)
-    targets = np.asarray(targets, dtype=np.int64)
-    if len(histories) != users.shape[0] or targets.shape[0] != users.shape[0]:
-        raise ValueError("users, histories and targets must have the same length")
+    if len(exclusions) != users.shape[0] or len(targets) != users.shape[0]:
+        raise ValueError("users, exclusions and targets must have the same length")
     if users.size == 0:
         raise ValueError("empty validation set")
-    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-    flat = (
-        np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
-        if lengths.sum()
-        else np.zeros(0, dtype=np.int64)
-    )
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    item_ids = torch.arange(E_t.shape[0])
-    hits = 0
-    for s in range(0, users.size, chunk):  # chunked to bound the [chunk, n_items] score matrix
-        e = min(s + chunk, users.size)
-        scores = U_t[torch.from_numpy(users[s:e])] @ E_t.T
-        rows = torch.from_numpy(np.repeat(np.arange(e - s), lengths[s:e]))
-        cols = torch.from_numpy(flat[offsets[s] : offsets[e]])
-        scores[rows, cols] = float("-inf")
-        t = torch.from_numpy(targets[s:e])
-        st = scores.gather(1, t[:, None])
-        rank = (scores > st).sum(1) + ((scores == st) & (item_ids[None, :] < t[:, None])).sum(1)
-        hits += int(((rank < k) & torch.isfinite(st[:, 0])).sum())
-    return hits / users.size
+    metrics = evaluate_in_chunks(lambda u: U_np[u] @ E_np.T, users, targets, exclusions, chunk, ks=(k,))
+    return metrics["history_excluded"][f"hr@{k}"]
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -197,9 +178,9 @@ def _plan(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, cfg:
         full = np.flatnonzero(deg >= n_items)[:5].tolist()
         raise InputError(f"users {full} interacted with every item: BPR has no negative for them")
     if valid is not None:
-        v_users, v_hist, v_targets = valid
-        if len(v_hist) != len(v_users) or len(v_targets) != len(v_users):
-            raise ValueError("valid must be (users, histories, targets) of equal length")
+        v_users, v_excluded, v_targets = valid
+        if len(v_excluded) != len(v_users) or len(v_targets) != len(v_users):
+            raise ValueError("valid must be (users, exclusions, targets) of equal length")
     shard_len = -(-pu.size // world_size)
     per_rank_batch = -(-cfg.batch_size // world_size)
     return _Run(cfg=cfg, rank=rank, world_size=world_size, distributed=distributed, device=torch.device(cfg.device),
@@ -255,7 +236,7 @@ def _embeddings(model: LightGCN) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _evaluate(model: LightGCN, run: _Run, valid: Valid) -> tuple[float, np.ndarray, np.ndarray]:
-    """HR@10 (history excluded) computed on rank 0 and broadcast to all ranks, with the (U, E) it scored."""
+    """HR@10 (exclusions masked) computed on rank 0 and broadcast to all ranks, with the (U, E) it scored."""
     U_np, E_np = _embeddings(model)
     hr = torch.zeros((), dtype=torch.float64, device=run.device)
     if run.rank == 0:
@@ -280,7 +261,8 @@ def train_lightgcn(
 
     Args:
         users, items: training interactions only (duplicates collapse to one pair).
-        valid: optional (val_users, val_histories, val_targets); HR@10 with history items
+        valid: optional (val_users, val_exclusions, val_targets), the exclusions being each
+            user's whole sequence before the target (``EvalSet.exclusions``); HR@10 with them
             excluded is computed every cfg.eval_every epochs and after the last epoch, drives
             early stopping (cfg.patience evaluations without improvement) and selects the
             returned embeddings (best evaluation, earliest on ties). Under DDP pass it on
