@@ -1,7 +1,7 @@
 """Inference speed and sampler quality, plus FAISS Flat vs HNSW on a large synthetic catalog.
 
-    python benchmarks/inference.py --preset tiny [--data DIR] [--users 300] [--train-steps 300]
-    python benchmarks/inference.py --preset cpu --data runs/lastfm --users 100 --train-steps 200
+    python benchmarks/inference.py --preset tiny [--users 300] [--train-steps 300]
+    python benchmarks/inference.py --model-dir runs/lastfm/model --data runs/lastfm/data --users 100
     python benchmarks/inference.py --faiss-only --catalog 1000000
 
 Prints three tables:
@@ -10,8 +10,8 @@ Prints three tables:
    the same users and seed (goal: DDIM-20 within 2% relative NDCG@10 of DDPM, >= 25x faster);
 3. FAISS ``Flat`` against ``HNSW32,Flat`` on a synthetic catalog: build time, QPS, recall@10.
 
-The model is trained in-process (``deftrec.training.local``) on ``--data`` (a preprocessed
-directory; default: a fresh synthetic one) unless ``--model-dir`` points at an export.
+The model is the export of a pipeline run (``--model-dir``, with its ``--data``), or one trained by
+the pipeline's own stages on the embedded synthetic log (``--train-steps`` steps of ``--preset``).
 """
 
 from __future__ import annotations
@@ -29,25 +29,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _model(args):
-    from deftrec.config.pipeline import load_deftrec_config
-    from deftrec.training.local import train_local
+    from deftrec.artifacts.model import load_model
 
     if args.model_dir:
-        from deftrec.artifacts.model import load_model
-
         return load_model(args.model_dir), args.data
-    data = args.data
-    if data is None:
-        from deftrec.config.pipeline import load_pipeline_config
-        from deftrec.end_to_end import run_pipeline
+    from deftrec.config.pipeline import load_pipeline_config
+    from deftrec.end_to_end import run_pipeline
 
-        tmp = Path(tempfile.mkdtemp(prefix="deftrec-bench-"))
-        run_pipeline(load_pipeline_config(REPO / "pipelines/configs/tiny.yaml"), tmp, log=lambda s: None)
-        data = str(tmp / "data")
-    cfg = load_deftrec_config(REPO / f"pipelines/configs/{args.preset}.yaml",
-                              [f"train.max_steps={args.train_steps}", f"train.validate_every={args.train_steps}"])
-    model, _ = train_local(cfg, data, log=lambda s: print(s, file=sys.stderr))
-    return model, data
+    tmp = Path(tempfile.mkdtemp(prefix="deftrec-bench-"))
+    cfg = load_pipeline_config(REPO / f"pipelines/configs/{args.preset}.yaml", [
+        "stages=[synth,preprocess,collab,train]", f"train.max_steps={args.train_steps}",
+        f"train.validate_every={args.train_steps}", f"train.warmup_steps={max(1, min(10, args.train_steps - 1))}"])
+    run_pipeline(cfg, tmp, log=lambda s: print(s, file=sys.stderr))
+    return load_model(tmp / "model"), str(tmp / "data")
 
 
 def stage_table(model, es, batch: int) -> list[tuple[str, float]]:
@@ -100,7 +94,7 @@ def sampler_table(model, es, batch: int) -> list[tuple]:
         scores = np.concatenate([rec.scores(rec.sample(c, es.users[i * batch:(i + 1) * batch])).cpu().numpy()
                                  for i, c in enumerate(conds)])
         secs = time.perf_counter() - t0
-        m = evaluate_scores(scores, es.targets, es.histories, ks=(10,), exclude_history=True)
+        m = evaluate_scores(scores, es.targets, es.exclusions, ks=(10,), exclude_history=True)
         rows.append((f"{name}-{steps or T}", m["ndcg@10"], m["hr@10"], secs))
     return rows
 
@@ -131,8 +125,8 @@ def faiss_table(n_items: int, dim: int, n_queries: int) -> list[tuple]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "cpu", "gpu"])
-    ap.add_argument("--data", help="preprocessed data directory (default: synthetic)")
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "cpu", "gpu"])
+    ap.add_argument("--data", help="the preprocessed data of --model-dir's run")
     ap.add_argument("--model-dir", help="an exported model instead of in-process training")
     ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)

@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from deftrec.core.config import ConfigError
-from deftrec.retrieval.metrics import _flatten_histories, evaluate_in_chunks
+from deftrec.retrieval.metrics import _flatten_histories, evaluate_in_chunks, standard_errors
 
 __all__ = [
     "Baseline",
@@ -280,7 +280,7 @@ def run_baselines(
         def score_fn(positions: np.ndarray, model: Baseline = model) -> np.ndarray:
             return model.score([histories[i] for i in positions])
 
-        results[name] = evaluate_in_chunks(
-            score_fn, np.arange(len(histories)), targets, histories, chunk_size, ks
-        )
+        raw = evaluate_in_chunks(score_fn, np.arange(len(histories)), targets, histories, chunk_size, ks,
+                                 with_se=True)
+        results[name] = {p: standard_errors(v, len(histories)) for p, v in raw.items()}
     return results

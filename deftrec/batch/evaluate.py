@@ -92,13 +92,14 @@ def metrics_from_recs(recs: pa.Table, ks=KS) -> dict:
     out = {}
     for proto, col in (("history_excluded", "items_excluded"), ("history_kept", "items_kept")):
         lists = np.stack(recs.column(col).to_numpy(zero_copy_only=False)).astype(np.int64)
-        m = evaluate_topk(lists, targets, ks)
-        out[proto] = {f"{name}@{k}": float(m[f"{name}@{k}"]) for k in ks for name in ("hr", "ndcg")}
+        out[proto] = _select(evaluate_topk(lists, targets, ks, with_se=True), ks)
     return out
 
 
 def _select(m: dict, ks=KS) -> dict:
-    return {f"{name}@{k}": float(m[f"{name}@{k}"]) for k in ks for name in ("hr", "ndcg")}
+    """HR@K and NDCG@K with their standard errors (``*_se``) of one model under one protocol."""
+    return {f"{name}@{k}{se}": float(m[f"{name}@{k}{se}"]) for k in ks for name in ("hr", "ndcg")
+            for se in ("", "_se") if f"{name}@{k}{se}" in m}
 
 
 def evaluation_fingerprint(run_dir: str | Path, cfg: EvaluateJobConfig) -> str:

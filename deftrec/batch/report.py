@@ -21,10 +21,12 @@ PROTOCOL = ("leave-one-out; full-catalog ranking (no sampled negatives); every m
 def format_table(metrics: dict) -> str:
     lines = [f"split {metrics['split']}, {metrics['users']:,} users, sampler {metrics['sampler']} "
              f"({metrics['steps']} steps), coverage@10 {metrics['coverage']:.3f}",
-             f"{'model':<11} | {'excluded HR@10':>14} {'NDCG@10':>8} {'HR@20':>6} | {'kept HR@10':>10} {'NDCG@10':>8}"]
+             f"{'model':<11} | {'excluded HR@10':>14} {'NDCG@10 ± se':>15} {'HR@20':>6} | {'kept HR@10':>10} "
+             f"{'NDCG@10':>8}"]
     for name, r in metrics["results"].items():
         ex, kp = r["history_excluded"], r["history_kept"]
-        lines.append(f"{name:<11} | {ex['hr@10']:>14.4f} {ex['ndcg@10']:>8.4f} {ex['hr@20']:>6.4f} | "
+        se = f" ± {ex['ndcg@10_se']:.4f}" if "ndcg@10_se" in ex else ""
+        lines.append(f"{name:<11} | {ex['hr@10']:>14.4f} {ex['ndcg@10']:.4f}{se:>9} {ex['hr@20']:>6.4f} | "
                      f"{kp['hr@10']:>10.4f} {kp['ndcg@10']:>8.4f}")
     return "\n".join(lines)
 

@@ -275,8 +275,10 @@ def evaluate_scores(
     return _means(_metric_sums(ranks, ks, s.shape[1]), ranks.size)
 
 
-def evaluate_topk(topk_items: Any, targets: Any, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
-    """Recompute HR@K, NDCG@K, MRR@K from saved top-K lists [U, K_list].
+def evaluate_topk(topk_items: Any, targets: Any, ks: Sequence[int] = (5, 10, 20),
+                  with_se: bool = False) -> dict[str, float]:
+    """Recompute HR@K, NDCG@K, MRR@K from saved top-K lists [U, K_list] (``with_se``: and the standard
+    errors of HR@K and NDCG@K, ``*_se``).
 
     The target's position in its list is its rank; a target absent from the list is a miss.
     Every requested K must be <= K_list (a shorter list cannot tell a hit at K from a miss).
@@ -293,7 +295,8 @@ def evaluate_topk(topk_items: Any, targets: Any, ks: Sequence[int] = (5, 10, 20)
     match = items == t[:, None]
     # The sentinel k_list is >= every allowed K, so absent targets are never hits.
     ranks = np.where(match.any(axis=1), match.argmax(axis=1), k_list).astype(np.int64)
-    return _means(_metric_sums(ranks, ks, None), n_users)
+    means = _means(_metric_sums(ranks, ks, None, squares=with_se), n_users)
+    return standard_errors(means, n_users) if with_se else means
 
 
 def evaluate_both_protocols(
