@@ -84,6 +84,68 @@ def test_rayjob_runs_the_pipeline_entry_point():
     yaml.safe_load(spec["runtimeEnvYAML"])
 
 
+# ------------------------------------------------------------------ the job's plan fits the cluster
+
+
+def _plan_of(command: str, capsys) -> dict:
+    """The ``--dry-run`` plan of a ``python -m pipelines.end_to_end ...`` command line, in-process, from the
+    repository root (where the cluster runs it); the run directory is neither created nor read."""
+    import shlex
+
+    from pipelines.end_to_end import main
+
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "pipelines.end_to_end"], command
+    run_dir = Path(argv[argv.index("--run-dir") + 1])
+    existed = run_dir.exists()
+    assert main([*argv[3:], "--dry-run"]) == 0, capsys.readouterr().err
+    assert run_dir.exists() == existed
+    return json.loads(capsys.readouterr().out)
+
+
+def _launcher_command() -> str:
+    """The pipeline command in ray_cluster.yaml's header comment (after `ray job submit ... --`)."""
+    header = []
+    for line in (REPO / "ray_cluster.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    m = re.search(r"-- (python -m pipelines\.end_to_end [^\n]+)", "\n".join(header))
+    assert m, "ray_cluster.yaml's header shows the pipeline command"
+    return m.group(1).strip()
+
+
+def _gpu_group() -> dict:
+    job = yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())
+    return next(g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+
+
+@pytest.mark.parametrize("source", ["rayjob", "ray_cluster"])
+def test_cluster_commands_plan_gpu_training_that_fits_the_cluster(source, capsys, monkeypatch):
+    """The RayJob entrypoint and the launcher's documented command resolve (--dry-run) to plans whose
+    collab and train stages request a GPU per worker; train's workers are exactly the RayJob `gpu`
+    group's GPUs (replicas x nvidia.com/gpu) and fit the launcher's GPU node type (GPU x max_workers)."""
+    monkeypatch.chdir(REPO)
+    command = (yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())["spec"]["entrypoint"]
+               if source == "rayjob" else _launcher_command())
+    plan = _plan_of(command, capsys)
+    for name in ("collab", "train"):
+        res = plan["stages"][name]["resources"]
+        assert res["gpus_per_worker"] >= 1 and res["backend"] == "nccl", (name, res)
+    assert plan["uses_gpu"] is True
+    train = plan["stages"]["train"]["resources"]
+
+    group = _gpu_group()
+    gpus_per_pod = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert train["workers"] * train["gpus_per_worker"] == group["replicas"] * gpus_per_pod
+
+    gpu_types = [t for t in _launcher()["available_node_types"].values() if t.get("resources", {}).get("GPU")]
+    capacity = sum(int(t["resources"]["GPU"]) * t["max_workers"] for t in gpu_types)
+    assert train["workers"] * train["gpus_per_worker"] <= capacity
+    ev = plan["stages"]["evaluate"]["resources"]
+    assert ev["actors"] * ev["gpus_per_actor"] <= capacity
+
+
 def test_rayservice_matches_serve_deploy_config():
     svc = yaml.safe_load((REPO / "cluster" / "rayservice.yaml").read_text())
     serve_v2 = yaml.safe_load(svc["spec"]["serveConfigV2"])
