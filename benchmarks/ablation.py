@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "deftrec-ablation")
     p.add_argument("--json", type=Path, help="also write every run's summary here")
+    p.add_argument("--verbose", action="store_true", help="Ray's own logs on the console too")
     a = p.parse_args(argv)
     levers = [x for x in a.levers.split(",") if x]
     samplers = [x for x in a.samplers.split(",") if x]
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown levers or samplers {unknown}; levers: {sorted(LEVERS)}, samplers: {list(SAMPLERS)}")
     variants = [("preset", [])] + [(f"- {lever}", LEVERS[lever]) for lever in levers]
     variants += [(f"preset, {s}", SAMPLERS[s]) for s in samplers]
-    return run(a.preset, a.data or [None], variants, a.set, a.work, a.json)
+    return run(a.preset, a.data or [None], variants, a.set, a.work, a.json, a.verbose)
 
 
 if __name__ == "__main__":

@@ -108,12 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "deftrec-quality")
     p.add_argument("--json", type=Path, help="also write every run's summary here")
+    p.add_argument("--verbose", action="store_true", help="Ray's own logs on the console too")
     a = p.parse_args(argv)
-    return run(a.preset, a.data or [None], [("preset", []), *a.variant], a.set, a.work, a.json)
+    return run(a.preset, a.data or [None], [("preset", []), *a.variant], a.set, a.work, a.json, a.verbose)
 
 
 def run(preset_name: str, datasets: list, variants: list[tuple[str, list[str]]], common: list[str], work: Path,
-        json_out: Path | None = None) -> int:
+        json_out: Path | None = None, verbose: bool = False) -> int:
+    """Every variant on every dataset, one table per dataset (the console as ``pipelines.end_to_end``'s)."""
+    from deftrec.core.console import configure_console
+
+    configure_console(verbose=verbose, log_file=work / "benchmark.log")
     preset = REPO / f"pipelines/configs/{preset_name}.yaml"
     everything = {}
     for data in datasets:

@@ -91,6 +91,18 @@ def test_end_to_end_through_ray_job_submit(tmp_path):
         # resubmitting finds every stage up to date
         again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0 and (again.stdout + again.stderr).count("skipped (up to date)") == 6
+        # the standalone stages read the config recorded in the run: they reproduce the run and skip
+        before = (run_dir / "eval" / "metrics.json").read_bytes()
+        for stage in ("index", "evaluate"):
+            alone = subprocess.run([sys.executable, "-m", f"pipelines.{stage}", "--run-dir", str(run_dir)], cwd=REPO,
+                                   env=env, capture_output=True, text=True, timeout=600)
+            assert alone.returncode == 0 and "is up to date" in alone.stdout + alone.stderr, alone.stderr[-3000:]
+        assert (run_dir / "eval" / "metrics.json").read_bytes() == before
+        # and the dry-run plan of the same command finds nothing to do
+        plan = subprocess.run([sys.executable, "-m", "pipelines.end_to_end", *cmd[cmd.index("--config"):],
+                               "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert plan.returncode == 0, plan.stderr[-3000:]
+        assert {s["action"] for s in json.loads(plan.stdout)["stages"].values()} == {"skip"}
     finally:
         _stop_head(temp, port)
 

@@ -118,6 +118,11 @@ def preset_dict(cfg: PipelineConfig) -> dict:
     d = to_dict(cfg)
     model = d.pop("model")
     model.pop("d_llm", None)
+    # prompt.K / user_tokens / combine_sum are derived from the tokenizer section: left unset, as a preset
+    # leaves them, so a tokenizer.* override on top of a recorded config re-derives them instead of
+    # contradicting the values recorded
+    for name in ("K", "user_tokens", "combine_sum"):
+        model["prompt"].pop(name, None)
     return {**d, **model}
 
 
