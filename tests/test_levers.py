@@ -207,6 +207,27 @@ def test_catalog_ce_is_softmax_cross_entropy_of_the_scores(build):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("score", ["l2", "ip"])
+def test_normalised_catalog_ce_starts_near_log_n_items_whatever_the_item_space_scale(build, score):
+    """ce_scale=normalised: the same logits at any global scale of the item space, so the loss of an
+    untrained query starts near log(n_items); the raw scores' loss grows with the scale."""
+    raw = DeftRecTask(build("diffusion.lambda_ce=1.0", f"eval.score={score}"))
+    norm = DeftRecTask(build("diffusion.lambda_ce=1.0", "diffusion.ce_scale=normalised", f"eval.score={score}"))
+    g = torch.Generator().manual_seed(0)
+    q, table = torch.randn(256, D_C, generator=g), torch.randn(N_ITEMS, D_C, generator=g)
+    targets = torch.randint(0, N_ITEMS, (256,), generator=g)
+    losses = {c: float(norm.catalog_ce(c * q, c * table, targets)) for c in (0.01, 1.0, 100.0)}
+    for c, loss in losses.items():
+        assert loss == pytest.approx(losses[1.0], rel=1e-4), c
+        assert abs(loss - np.log(N_ITEMS)) < 1.0, losses
+    assert float(raw.catalog_ce(100 * q, 100 * table, targets)) > 100 * np.log(N_ITEMS)
+    # the learned gain sharpens the same logits
+    with torch.no_grad():
+        norm.model.head.ce_log_gain.fill_(np.log(2.0))
+    sharper = norm.catalog_ce(q, table, targets)
+    assert sharper.requires_grad and float(sharper) != pytest.approx(losses[1.0])
+
+
 def test_ce_on_generated_scores_the_one_step_generation_from_pure_noise(build):
     """ce_on=generated: the cross-entropy scores the query a one-step sampler retrieves with (the
     denoiser's output from x_T ~ N(0, I) at t = T-1), not the estimate from the noised target."""

@@ -276,6 +276,13 @@ class DiffusionConfig:
             (DiffuRec's objective): softmax over every item's score s_i = score(x0_hat, W_i) /
             ``ce_temperature``, with ``eval.score``'s rule, against the target. 0 disables it.
         ce_temperature: softmax temperature of that cross-entropy.
+        ce_scale: ``"raw"`` (DiffuRec) divides the scores by ``ce_temperature`` only, so the logits
+            follow the item space's scale: squared distances in a normalised space with popular
+            items far out make them O(100) and the loss starts far above uniform. ``"normalised"``
+            divides them by the mean squared norm of the item matrix (without gradient) and
+            multiplies them by a learned gain exp(g), g starting at 0: the same logits at any
+            item-space scale, the loss starts near log(n_items) and the gain learns the sharpness.
+            Ranking is unchanged (one positive scale per batch).
         ce_on: which x0 estimate the cross-entropy scores: ``"sampled"`` (DiffuRec) the estimate from
             the training draw's noised target x_t at its random t (at small t it mostly copies x_t);
             ``"generated"`` the one-step generation from pure noise x_T at t = T-1, which is exactly
@@ -319,6 +326,7 @@ class DiffusionConfig:
     neg_scale: Literal["mean", "sum"] = "mean"
     lambda_ce: float = 0.0
     ce_temperature: float = 1.0
+    ce_scale: Literal["raw", "normalised"] = "raw"
     ce_on: Literal["sampled", "generated"] = "sampled"
     cond_norm: bool = False
     noise: bool = True
@@ -362,6 +370,8 @@ class DiffusionConfig:
             raise ValueError("diffusion.ce_temperature must be > 0")
         if not isinstance(self.cond_norm, bool):
             raise ValueError(f"diffusion.cond_norm must be true or false, got {self.cond_norm!r}")
+        if self.ce_scale not in ("raw", "normalised"):
+            raise ValueError(f"diffusion.ce_scale must be 'raw' or 'normalised', got {self.ce_scale!r}")
         if self.ce_on not in ("sampled", "generated"):
             raise ValueError(f"diffusion.ce_on must be 'sampled' or 'generated', got {self.ce_on!r}")
         # derived

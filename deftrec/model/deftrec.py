@@ -406,12 +406,18 @@ class DeftRecTask(nn.Module):
 
     def catalog_ce(self, x0_hat: Tensor, table: Tensor, targets: Tensor) -> Tensor:
         """Full-catalog cross-entropy of the x0 estimates' scores (``eval.score``'s rule, in the
-        diffusion space) over ``diffusion.ce_temperature``; 0 (and no work) when lambda_ce is 0."""
-        cfg = self.model.head.cfg
+        diffusion space) over ``diffusion.ce_temperature``, and with ``ce_scale: normalised`` over the
+        mean squared norm of the item matrix times a learned gain; 0 (and no work) when lambda_ce is 0."""
+        head = self.model.head
+        cfg = head.cfg
         if cfg.lambda_ce == 0:
             return x0_hat.new_zeros((), dtype=torch.float32)
         q, keys = x0_hat.float(), table.float()
         scores = q @ keys.T
+        sq_norms = keys.pow(2).sum(1)
         if self.model.cfg.eval.score == "l2":  # -||q - k||^2 up to the per-row constant -||q||^2
-            scores = 2.0 * scores - keys.pow(2).sum(1)[None, :]
-        return F.cross_entropy(scores / cfg.ce_temperature, targets)
+            scores = 2.0 * scores - sq_norms[None, :]
+        logits = scores / cfg.ce_temperature
+        if head.ce_log_gain is not None:  # scores are squared-norm sized: divide the scale out, learn the gain
+            logits = logits * (head.ce_log_gain.float().exp() / sq_norms.mean().detach().clamp_min(1e-12))
+        return F.cross_entropy(logits, targets)
