@@ -28,8 +28,8 @@ from deftrec.core.log import Log
 __all__ = ["STAGE_DIRS", "plan_pipeline", "run_pipeline", "preprocess_config"]
 
 #: Stage -> its directory inside the run directory.
-STAGE_DIRS = {"synth": "synth", "preprocess": "data", "collab": "collab", "train": "model", "index": "index",
-              "evaluate": "eval"}
+STAGE_DIRS = {"synth": "synth", "preprocess": "data", "collab": "collab", "tune": "tune", "train": "model",
+              "index": "index", "evaluate": "eval"}
 
 
 @dataclass
@@ -89,11 +89,25 @@ def _collab(r: _Run) -> tuple[str, Callable[[], object]]:
                                                 r.cfg.distributed, run_name=f"{r.cfg.name}-collab", log=r.log)
 
 
+def _tune(r: _Run) -> tuple[str, Callable[[], object]]:
+    from deftrec.training.tune_job import run_tune, tune_fingerprint
+
+    fp = tune_fingerprint(r.model, r.cfg.distributed, r.cfg.tune, r.dir("preprocess"), r.dir("collab"))
+    return fp, lambda: run_tune(r.model, r.cfg.distributed, r.cfg.tune, r.run_dir, run_name=r.cfg.name,
+                                data_dir=r.dir("preprocess"), collab_dir=r.dir("collab"), log=r.log)
+
+
 def _train(r: _Run) -> tuple[str, Callable[[], object]]:
+    """The preset's model, or with a tune stage the best trial's (whose run it exports)."""
     from deftrec.training.driver import train_distributed, train_fingerprint
 
-    fp = train_fingerprint(r.model, r.cfg.distributed, r.dir("preprocess"), r.dir("collab"))
-    return fp, lambda: train_distributed(r.model, r.cfg.distributed, r.run_dir, run_name=r.cfg.name,
+    model, dist = r.model, r.cfg.distributed
+    if "tune" in r.cfg.stages:
+        from deftrec.training.tune_job import tuned_training
+
+        model, dist = tuned_training(model, dist, r.run_dir)
+    fp = train_fingerprint(model, dist, r.dir("preprocess"), r.dir("collab"))
+    return fp, lambda: train_distributed(model, dist, r.run_dir, run_name=r.cfg.name,
                                          data_dir=r.dir("preprocess"), collab_dir=r.dir("collab"), log=r.log)
 
 
@@ -112,7 +126,7 @@ def _evaluate(r: _Run) -> tuple[str, Callable[[], object]]:
 
 
 STAGE_TABLE: dict[str, Callable[[_Run], tuple[str, Callable[[], object]]]] = {
-    "synth": _synth, "preprocess": _preprocess, "collab": _collab, "train": _train, "index": _index,
+    "synth": _synth, "preprocess": _preprocess, "collab": _collab, "tune": _tune, "train": _train, "index": _index,
     "evaluate": _evaluate,
 }
 
@@ -165,6 +179,11 @@ def _stage_resources(name: str, cfg: PipelineConfig) -> dict:
 
     if name == "collab":
         return {"kind": "ray_train", **worker_resources(cfg.distributed)}
+    if name == "tune":
+        t = cfg.tune
+        return {"kind": "ray_tune", "trials": len(t.trials(cfg.model.train.seed)),
+                "max_concurrent_trials": t.max_concurrent_trials, "scheduler": "ASHA",
+                "per_trial": {"kind": "ray_train", **worker_resources(cfg.distributed)}}
     if name == "train":
         d = cfg.distributed
         return {"kind": "ray_train", **worker_resources(d), "zero_stage": d.zero_stage, "precision": d.precision}
@@ -203,7 +222,7 @@ def plan_pipeline(cfg: PipelineConfig, run_dir: str | Path) -> dict:
         if entry["action"] == "run" and reruns is None:
             reruns = name
         stages[name] = entry
-    gpus = {n: s["resources"].get("gpus_per_worker", s["resources"].get("gpus_per_actor", 0)) for n, s in
-            stages.items()}
+    def gpus(res: dict) -> float:  # a tune stage's trials request what its per-trial job does
+        return res.get("gpus_per_worker", res.get("gpus_per_actor", gpus(res.get("per_trial", {})) if res else 0))
     return {"run_dir": str(run_dir), "config": preset_dict(cfg), "stages": stages,
-            "uses_gpu": any(g > 0 for g in gpus.values())}
+            "uses_gpu": any(gpus(s["resources"]) > 0 for s in stages.values())}

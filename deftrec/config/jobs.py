@@ -67,3 +67,52 @@ class EvaluateJobConfig:
             raise ValueError("steps must be >= 1")
         if self.batch_size < 1 or self.actors < 1:
             raise ValueError("batch_size and actors must be >= 1")
+
+
+@dataclasses.dataclass
+class TuneConfig:
+    """Validation chooses the settings (the ``tune:`` section, stage ``tune``): a grid of model-config
+    overrides, the same for every dataset, each trial the pipeline's own training job, stopped early
+    by ASHA on validation NDCG@10; the best trial's settings are what the train stage exports.
+
+    ``space`` maps a model field (``section.field`` as in ``--set``) to the values to try; the
+    trials are every combination (``num_samples`` times, ``train.seed`` + repeat). A trial runs at
+    least ``grace_validations`` validations before ASHA may stop it; ``reduction_factor`` is ASHA's
+    (1/rf of the trials continue at each rung). ``max_concurrent_trials`` run at once, each on
+    ``distributed.num_workers`` Ray Train workers.
+    """
+
+    space: dict = dataclasses.field(default_factory=dict)
+    num_samples: int = 1
+    max_concurrent_trials: int = 1
+    grace_validations: int = 2
+    reduction_factor: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.space, dict):
+            raise ValueError(f"tune.space must map model fields to lists of values, got {self.space!r}")
+        for key, values in self.space.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"tune.space.{key} must be a non-empty list of values, got {values!r}")
+        for name in ("num_samples", "max_concurrent_trials", "grace_validations"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"tune.{name} must be a positive int, got {v!r}")
+        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) \
+                or self.reduction_factor < 2:
+            raise ValueError(f"tune.reduction_factor must be an int >= 2, got {self.reduction_factor!r}")
+
+    def trials(self, seed: int) -> list[list[str]]:
+        """Every trial's model overrides (``key=value`` strings, as ``--set`` takes them), in a fixed
+        order; repeats (``num_samples`` > 1) train with ``train.seed`` = ``seed`` + repeat."""
+        import itertools
+        import json
+
+        keys = sorted(self.space)
+        grid = [list(zip(keys, combo)) for combo in itertools.product(*(self.space[k] for k in keys))]
+        out = []
+        for repeat in range(self.num_samples):
+            for combo in grid:
+                sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in combo]
+                out.append(sets + ([f"train.seed={seed + repeat}"] if self.num_samples > 1 else []))
+        return out

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 from deftrec.config.data import PreprocessConfig, SynthConfig
-from deftrec.config.jobs import EvaluateJobConfig, IndexConfig
+from deftrec.config.jobs import EvaluateJobConfig, IndexConfig, TuneConfig
 from deftrec.config.model import DeftRecConfig
 from deftrec.config.training import DistributedConfig
 from deftrec.core.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
-STAGES = ("synth", "preprocess", "collab", "train", "index", "evaluate")
+STAGES = ("synth", "preprocess", "collab", "tune", "train", "index", "evaluate")
 _PREPROCESS_MAX_HISTORY = next(f.default for f in dataclasses.fields(PreprocessConfig) if f.name == "max_history")
 
 
@@ -50,6 +50,8 @@ class PipelineConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
     evaluate: EvaluateJobConfig = dataclasses.field(default_factory=EvaluateJobConfig)
+    # the search whose best trial the train stage exports (stage "tune")
+    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
@@ -71,9 +73,33 @@ class PipelineConfig:
             raise ConfigError(f"data.preprocess.max_history ({data_window}) must be >= prompt.max_history "
                               f"({prompt_window}): the evaluation splits keep only data.preprocess.max_history "
                               "items of each history, so the prompt would read a shorter window than it trains on")
+        if "tune" in self.stages:
+            if not self.tune.space:
+                raise ConfigError("stages includes 'tune' but tune.space is empty: name the model fields to search")
+            for overrides in self.tune.trials(self.model.train.seed):  # every trial's config is valid now
+                try:
+                    model_with_overrides(self.model, overrides)
+                except ConfigError as e:
+                    raise ConfigError(f"tune.space: the trial {overrides} is not a valid config: {e}") from None
         if self.model.collab.device != "cpu" and not self.distributed.use_gpu:
             raise ConfigError(f"collab.device={self.model.collab.device!r} needs distributed.use_gpu=true: LightGCN "
                               "trains on Ray Train workers, which reserve a GPU only with distributed.use_gpu")
+
+
+def model_with_overrides(model: DeftRecConfig, overrides: list[str]) -> DeftRecConfig:
+    """``model`` with ``section.field=value`` overrides applied (validated like a preset's)."""
+    return from_dict(DeftRecConfig, apply_overrides(_model_dict(model), overrides), "config")
+
+
+def _model_dict(model: DeftRecConfig) -> dict:
+    """The model's sections as a preset writes them: the derived fields left unset (``d_llm``, and
+    prompt.K / user_tokens / combine_sum, which follow the tokenizer section), so a ``tokenizer.*``
+    override on top re-derives them instead of contradicting recorded values."""
+    d = to_dict(model)
+    d.pop("d_llm", None)
+    for name in ("K", "user_tokens", "combine_sum"):
+        d["prompt"].pop(name, None)
+    return d
 
 
 def pipeline_config_from_dict(data: dict) -> PipelineConfig:
@@ -116,14 +142,8 @@ def preset_dict(cfg: PipelineConfig) -> dict:
     """``cfg`` in a preset's layout (model sections at the top level): what :func:`pipeline_config_from_dict`
     reads back into an equal config."""
     d = to_dict(cfg)
-    model = d.pop("model")
-    model.pop("d_llm", None)
-    # prompt.K / user_tokens / combine_sum are derived from the tokenizer section: left unset, as a preset
-    # leaves them, so a tokenizer.* override on top of a recorded config re-derives them instead of
-    # contradicting the values recorded
-    for name in ("K", "user_tokens", "combine_sum"):
-        model["prompt"].pop(name, None)
-    return {**d, **model}
+    d.pop("model")
+    return {**d, **_model_dict(cfg.model)}
 
 
 def save_run_config(cfg: PipelineConfig, run_dir: str | Path) -> Path:

@@ -112,7 +112,7 @@ def _storage(run_dir: Path, cfg_name: str, dist: DistributedConfig) -> tuple[str
     return storage_path(dist, run_dir), dist.name or cfg_name
 
 
-def _previous_run(storage: str, name: str) -> tuple[Any, TrainerState] | None:
+def previous_run(storage: str, name: str) -> tuple[Any, TrainerState] | None:
     """(Result, trainer state of its latest checkpoint) of an earlier run with this storage/name, if any."""
     try:
         from ray.train import Result
@@ -139,6 +139,7 @@ def train_distributed(
     collab_dir: str | Path | None = None,
     export: bool = True,
     step_callback: Callable[[int, int], None] | None = None,
+    callbacks: list | None = None,
     log: Log | None = print,
 ) -> DistributedResult:
     """Train DeftRec on Ray Train with DeepSpeed and export the best checkpoint to ``RUN_DIR/model``.
@@ -150,6 +151,7 @@ def train_distributed(
         run_name: Ray Train run name unless ``dist.name`` is set (resume = same storage and name).
         export: write ``RUN_DIR/model`` (atomic, with manifest) from the best checkpoint.
         step_callback: ``f(step, rank)`` run on every worker after each optimizer step.
+        callbacks: Ray Train callbacks of the run (e.g. forwarding reports to a Tune trial).
 
     Raises:
         deftrec.core.artifacts.ArtifactError when the data or the collaborative embeddings are missing;
@@ -192,7 +194,7 @@ def train_distributed(
         raise ConfigError(f"{len(valid)} validation users cannot be split over {dist.num_workers} workers")
     fp, inputs = config_fingerprint(cfg), run_inputs(data_dir, collab_dir)
     storage, name = _storage(run_dir, run_name, dist)
-    prev = _previous_run(storage, name)
+    prev = previous_run(storage, name)
     if prev is not None:  # neither resume nor re-export a run of another config, data or collab
         check_run_identity(prev[1], fp, inputs, f"{storage}/{name}")
     _, total = plan_steps(n_samples, t, dist.num_workers, dist.debug_steps)
@@ -209,7 +211,7 @@ def train_distributed(
     ref = ray.put(context)
     trainer = torch_trainer(
         train_loop_per_worker, {"context": ref, "step_callback": step_callback}, dist, name=name, storage=storage,
-        datasets={"train": ds},
+        datasets={"train": ds}, callbacks=callbacks,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=dist.num_to_keep,
                                                      checkpoint_score_attribute=SCORE_KEY,
                                                      checkpoint_score_order="max"))

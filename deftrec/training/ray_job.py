@@ -27,7 +27,8 @@ def storage_path(dist: DistributedConfig, run_dir: str | Path) -> str:
 
 
 def torch_trainer(loop: Callable[[dict], None], loop_config: dict, dist: DistributedConfig, *, name: str,
-                  storage: str, datasets: dict | None = None, checkpoint_config: Any = None) -> Any:
+                  storage: str, datasets: dict | None = None, checkpoint_config: Any = None,
+                  callbacks: list | None = None) -> Any:
     """A ``TorchTrainer`` running ``loop`` on the worker group of :func:`worker_resources`."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -46,6 +47,6 @@ def torch_trainer(loop: Callable[[dict], None], loop_config: dict, dist: Distrib
             # ray.train.* below WARNING; the per-report "TrainingReport(...)" records are quieted in the
             # workers (deftrec.core.log.quiet_worker_logs): LoggingConfig does not reach them
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            checkpoint_config=checkpoint_config),
+            checkpoint_config=checkpoint_config, callbacks=callbacks),
         datasets=datasets,
     )
