@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -327,3 +328,35 @@ def test_ddp_two_process_gloo(tmp_path):
     assert r0["hr"][1] >= 0 and r0["hr"][2] >= 0  # evaluated at epoch 2 and at the last epoch
     assert int(r0["n_logs"]) == 3 and int(r1["n_logs"]) == 0  # only rank 0 logs
     assert np.isfinite(r0["U"]).all()
+
+
+def test_user_vectors_never_see_the_validation_or_test_targets():
+    """tokenizer.user_tokens feeds LightGCN's U into the prompt: U is fit on s[:-2] only, so changing
+    every user's validation and test targets leaves its graph unchanged, and changing the test
+    targets (which validation does not read) leaves U and E bit for bit the same."""
+    from deftrec.data.samples import training_pairs
+
+    data = _long_histories(length=12, max_history=12)
+
+    def with_targets(drop: int, shift: int) -> PreprocessedData:
+        seqs = [s.copy() for s in data.sequences]
+        for s in seqs:
+            s[-drop] = (s[-drop] + shift) % data.n_items
+        sequences = Ragged.from_lists(seqs)
+
+        def split(d: int) -> EvalSet:
+            return EvalSet(data.users, Ragged.from_lists([s[:-d] for s in seqs]), np.array([s[-d] for s in seqs]),
+                           sequences.drop_last(d))
+
+        return dataclasses.replace(data, sequences=sequences, train=split(3), valid=split(2), test=split(1))
+
+    other = with_targets(1, 7)
+    for changed in (with_targets(1, 7), with_targets(2, 5)):
+        assert not np.array_equal(changed.sequences.flat()[1], data.sequences.flat()[1])
+        for a, b in zip(training_pairs(changed), training_pairs(data)):
+            np.testing.assert_array_equal(a, b)
+    cfg = DeftRecConfig(collab=LightGCNConfig(dim=8, epochs=3, eval_every=1, batch_size=64, seed=0))
+    U, E, _ = fit_collab(cfg, data, log=None)
+    U2, E2, _ = fit_collab(cfg, other, log=None)
+    np.testing.assert_array_equal(U, U2)
+    np.testing.assert_array_equal(E, E2)
