@@ -323,3 +323,14 @@ def test_evaluate_without_model_is_an_artifact_error_not_a_config_error(tmp_path
     assert main(["--run-dir", str(tmp_path), "--limit", "5"]) == 2
     err = capsys.readouterr().err
     assert RUN_CONFIG_FILE in err and "not valid JSON" in err and "--config" in err, err
+
+
+def test_zero3_with_a_generated_condition_is_refused_at_load_naming_both_fields():
+    """ZeRO-3 gathers parameters collectively in every forward; greedy generation during validation
+    stops at data-dependent lengths, so the two cannot be combined: refused before any work."""
+    with pytest.raises(ConfigError, match=r"condition='response_embeddings'.*distributed.zero_stage=3"):
+        load_pipeline_config(TINY, ["distributed.zero_stage=3", "condition=response_embeddings", "train.lambda_lm=0.1",
+                                    "train.positions=last"])
+    ok = load_pipeline_config(TINY, ["distributed.zero_stage=2", "condition=response_embeddings", "train.lambda_lm=0.1",
+                                     "train.positions=last"])
+    assert ok.distributed.zero_stage == 2

@@ -81,6 +81,11 @@ class PipelineConfig:
                     model_with_overrides(self.model, overrides)
                 except ConfigError as e:
                     raise ConfigError(f"tune.space: the trial {overrides} is not a valid config: {e}") from None
+        if self.distributed.zero_stage == 3 and self.model.needs_generation:
+            # greedy decoding stops at data-dependent lengths; under ZeRO-3 every forward is a collective
+            raise ConfigError(f"condition={self.model.condition!r} generates text during validation, which "
+                              "distributed.zero_stage=3 cannot run in lockstep on every rank; use "
+                              "distributed.zero_stage 0 or 2, or condition=prompt_state")
         if self.model.collab.device != "cpu" and not self.distributed.use_gpu:
             raise ConfigError(f"collab.device={self.model.collab.device!r} needs distributed.use_gpu=true: LightGCN "
                               "trains on Ray Train workers, which reserve a GPU only with distributed.use_gpu")
