@@ -259,6 +259,21 @@ def test_ce_on_generated_scores_the_one_step_generation_from_pure_noise(build):
                                                                            batch["targets"]), rtol=1e-4, atol=1e-4)
 
 
+def test_llm_dropout_acts_inside_the_decoder_in_training_only(build):
+    """llm.dropout: two training-mode passes over the same batch differ (embeddings, attention and
+    residual branches drop out), evaluation-mode passes are identical, and 0 changes nothing."""
+    for p, differs in ((0.3, True), (0.0, False)):
+        m = build(f"llm.dropout={p}", "tokenizer.mask_ratio=0")  # the tokenizer's masking is random too
+        batch = m.make_batch(HISTORIES, TARGETS, USERS)
+        m.train()
+        a, b = m.encode(batch)[1], m.encode(batch)[1]
+        assert (not torch.equal(a, b)) == differs, p
+        m.eval()
+        torch.testing.assert_close(m.encode(batch)[1], m.encode(batch)[1])
+    attn = build("llm.dropout=0.3").llm.get_decoder().layers[0].self_attn
+    assert attn.attention_dropout == 0.3
+
+
 def test_cond_norm_makes_the_head_blind_to_the_condition_scale():
     """cond_norm: the condition is layer-normalised first, so a pretrained LLM's large states reach the
     head at the scale a from-scratch one has; without it the scale changes the output."""
@@ -344,11 +359,13 @@ def test_each_lever_trains_and_evaluates_both_ways(lever, on, toy_data, cache):
     assert 0.0 <= m["ndcg@10"] <= 1.0 and np.isfinite(m["ndcg@10"])
 
 
-def test_plateau_decay_anneals_the_lr_after_every_validation_without_a_gain(toy_data, cache, tmp_path):
+def test_plateau_decay_anneals_the_lr_after_plateau_patience_validations_without_a_gain(toy_data, cache, tmp_path):
     """train.plateau_decay in the training loop: the learning rate of every later step is the
-    schedule's times decay ** (validations without a gain so far)."""
+    schedule's times decay ** (decays so far), one decay per ``plateau_patience`` validations in a
+    row without a gain."""
     import shutil
 
+    from deftrec.training.checkpoint import read_trainer_state
     from deftrec.training.optim import lr_factor
     from tests.conftest import train_and_export
 
@@ -356,20 +373,20 @@ def test_plateau_decay_anneals_the_lr_after_every_validation_without_a_gain(toy_
     cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "collab.dim=8", "collab.epochs=1",
                                      "train.max_steps=12", "train.warmup_steps=1", "train.valid_users=20",
                                      "train.batch_size=8", "train.log_every=1", "train.validate_every=1",
-                                     "train.patience=null", "train.plateau_decay=0.5", "train.min_lr_ratio=1.0",
-                                     "diffusion.hidden=32", "eval.steps=1"])
-    from deftrec.training.checkpoint import read_trainer_state
-
+                                     "train.patience=null", "train.plateau_decay=0.5", "train.plateau_patience=2",
+                                     "train.min_lr_ratio=1.0", "diffusion.hidden=32", "eval.steps=1"])
     _, res = train_and_export(tmp_path, cfg)
     validations = read_trainer_state(res.latest_checkpoint).validations  # the run's whole history
     assert [v["step"] for v in validations] == list(range(1, 13))
-    best, bad, bad_after = -1.0, 0, []
+    best, in_a_row, decays, decays_after = -1.0, 0, 0, []
     for v in validations:
-        bad += v["history_excluded"]["ndcg@10"] <= best
-        best = max(best, v["history_excluded"]["ndcg@10"])
-        bad_after.append(bad)
-    assert bad_after[-1] > 0, "no validation without a gain: the test exercises nothing"
+        score = v["history_excluded"]["ndcg@10"]
+        in_a_row = 0 if score > best else in_a_row + 1
+        decays += in_a_row > 0 and in_a_row % 2 == 0
+        best = max(best, score)
+        decays_after.append(decays)
+    assert decays > 0, "no two validations in a row without a gain: the test exercises nothing"
     for v in validations[1:]:  # recorded at step s: the lr of step s + 1, before this validation counts
         step = v["step"]
-        want = cfg.train.lr * lr_factor(step, 1, 12, 1.0) * 0.5 ** bad_after[step - 2]
+        want = cfg.train.lr * lr_factor(step, 1, 12, 1.0) * 0.5 ** decays_after[step - 2]
         assert v["lr"] == pytest.approx(want), step

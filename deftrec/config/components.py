@@ -55,6 +55,8 @@ class LLMConfig:
     ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (the checkpoint's own dtype; float32 for ``tiny``).
     ``lora*``: adapter settings (method.md: r 16, alpha 32, dropout 0.05), used by ``apply_lora``.
     ``tiny_*`` and ``seed``: shape and initialisation of the ``tiny`` model.
+    ``dropout``: dropout inside the decoder during training (the input embeddings, the attention
+    probabilities and both residual branches of every layer); 0 leaves the LLM as loaded.
     """
 
     name_or_path: str = "tiny"
@@ -66,6 +68,7 @@ class LLMConfig:
     lora_dropout: float = 0.05
     gradient_checkpointing: bool = False
     num_layers: int | None = None  # keep only the first N decoder layers of the loaded LLM (null: all)
+    dropout: float = 0.0
     tiny_hidden: int = 64
     tiny_layers: int = 2
     tiny_heads: int = 4
@@ -93,6 +96,7 @@ class LLMConfig:
             raise ValueError(f"LLMConfig.lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LLMConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _nonneg_float("llm", "dropout", self.dropout, upper=1.0)
         _pos_int("LLMConfig", "num_layers", self.num_layers, allow_none=True)
         for name in ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "tiny_max_positions"):
             if getattr(self, name) < 1:

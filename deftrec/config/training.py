@@ -45,6 +45,8 @@ class TrainConfig:
     # every validation without an NDCG@10 gain multiplies the learning rate by this from then on
     # (reduce on plateau: validation, not a per-dataset setting, decides when to anneal); 1: off
     plateau_decay: float = 1.0
+    # validations in a row without a gain before each decay: > 1 keeps one noisy validation from annealing
+    plateau_patience: int = 1
     log_every: int = 50  # optimiser steps between progress lines
 
     def __post_init__(self) -> None:
@@ -58,7 +60,7 @@ class TrainConfig:
             raise ValueError(f"train.plateau_decay must be in (0, 1] (1: off), got {self.plateau_decay}")
         if self.min_lr_ratio > 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("epochs", "batch_size", "grad_accum", "min_history", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "min_history", "log_every", "plateau_patience"):
             _pos_int("train", name, getattr(self, name))
         if self.positions not in ("last", "all"):
             raise ValueError(f"train.positions must be 'last' or 'all', got {self.positions!r}")

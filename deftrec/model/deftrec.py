@@ -277,7 +277,8 @@ class DeftRec(nn.Module):
         """(input embeddings [B, L, H], last hidden states [B, L, H]) of a batch."""
         batch = _to_device(batch, self.device)
         embeds = self.embed(batch)
-        out = self.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+        decoder_in = F.dropout(embeds, self.cfg.llm.dropout, self.training) if self.cfg.llm.dropout else embeds
+        out = self.decoder(inputs_embeds=decoder_in, attention_mask=batch["attention_mask"],
                            position_ids=batch["position_ids"], use_cache=False)
         return embeds, out.last_hidden_state
 

@@ -249,6 +249,26 @@ def keep_first_layers(model: PreTrainedModel, n: int) -> None:
         model.config.layer_types = list(model.config.layer_types)[:n]
 
 
+def add_decoder_dropout(model: PreTrainedModel, p: float) -> None:
+    """Dropout ``p`` on the attention probabilities and on both residual branches (attention and MLP
+    outputs) of every decoder layer, in training mode only (forward hooks: a saved copy is the plain
+    LLM). The input-embedding dropout is :meth:`deftrec.model.deftrec.DeftRec.encode`'s, which
+    builds the embeddings itself."""
+    if p == 0:
+        return
+
+    def branch_dropout(module: torch.nn.Module, args: tuple, out: Any) -> Any:
+        if isinstance(out, tuple):  # attention: (output, weights)
+            return (torch.nn.functional.dropout(out[0], p, module.training), *out[1:])
+        return torch.nn.functional.dropout(out, p, module.training)
+
+    for layer in model.get_decoder().layers:
+        if hasattr(layer.self_attn, "attention_dropout"):
+            layer.self_attn.attention_dropout = p
+        layer.self_attn.register_forward_hook(branch_dropout)
+        layer.mlp.register_forward_hook(branch_dropout)
+
+
 def add_placeholder_tokens(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, K: int, user_tokens: bool = False
 ) -> PlaceholderIds:
@@ -319,6 +339,7 @@ def build_llm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PlaceholderIds]:
     """``load_llm`` + ``add_placeholder_tokens`` + (if ``cfg.lora``) ``apply_lora``, in the only valid order."""
     model, tokenizer = load_llm(cfg)
+    add_decoder_dropout(model, cfg.dropout)
     ph = add_placeholder_tokens(model, tokenizer, K, user_tokens)
     if cfg.lora:
         model = apply_lora(model, cfg)

@@ -370,8 +370,9 @@ def _validate(run: _Run) -> dict[str, Any]:
         s.best_score, s.best_step, s.bad_validations = score, s.step, 0
     else:
         s.bad_validations += 1
-        s.lr_decays += 1
-        run.plateau.plateaus = s.lr_decays
+        if s.bad_validations % run.cfg.train.plateau_patience == 0:
+            s.lr_decays += 1
+            run.plateau.plateaus = s.lr_decays
     run.last_valid_step = s.step
     return {**_flatten_valid(metrics), SCORE_KEY: score}
 
