@@ -137,7 +137,9 @@ def test_run_baselines_matches_direct_evaluation():
         assert isinstance(model, Baseline)
         ref = evaluate_both_protocols(model.score(hist), targets, hist, (1, 3))
         for protocol in ref:
-            assert out[name][protocol] == pytest.approx(ref[protocol], abs=1e-12)
+            metrics = {k: v for k, v in out[name][protocol].items() if not k.endswith("_se")}
+            assert metrics == pytest.approx(ref[protocol], abs=1e-12)
+            assert set(out[name][protocol]) - set(metrics) == {f"{m}@{k}_se" for m in ("hr", "ndcg") for k in (1, 3)}
 
 
 # ---------------------------------------------------------------- real data: software
@@ -178,3 +180,31 @@ def test_software_matches_reference_figures():
         [s[:-2] for s in lines], histories, targets, n_items, ks=(10,), models={"popularity": Popularity()}
     )
     assert without_val["popularity"]["history_kept"]["hr@10"] < 0.05
+
+
+def test_isolated_baselines_end_alone_on_an_exception_or_the_time_cap(ray_session):
+    """Each baseline runs in its own Ray task: one that raises or outlives the time cap is reported
+    not run with the reason, the others' results are those of the in-process runner."""
+    import time
+
+    from deftrec.batch.baselines import run_baselines_isolated
+
+    class Raises(Popularity):
+        def fit(self, train_sequences, n_items):
+            raise MemoryError("no room for the item-item matrix")
+
+    class Sleeps(Popularity):
+        def fit(self, train_sequences, n_items):
+            time.sleep(60)
+
+    seqs = [[0, 1, 2], [1, 2, 3], [2, 3, 4], [0, 2, 4]]
+    hist, targets = [[0], [1], [2], [3]], np.array([1, 2, 3, 4])
+    results, not_run = run_baselines_isolated({"popularity": Popularity(), "raises": Raises()}, seqs, hist, targets,
+                                              5, (5,))
+    assert results["popularity"] == run_baselines(seqs, hist, targets, 5, (5,), models={"p": Popularity()})["p"]
+    assert not_run == {"raises": "MemoryError: no room for the item-item matrix"}
+    t0 = time.monotonic()
+    results, not_run = run_baselines_isolated({"markov": MarkovLastItem(), "sleeps": Sleeps()}, seqs, hist, targets,
+                                              5, (5,), timeout_s=8)
+    assert set(results) == {"markov"} and "baseline_timeout_s=8" in not_run["sleeps"]
+    assert time.monotonic() - t0 < 40

@@ -188,6 +188,33 @@ def test_every_model_and_validation_exclude_the_whole_history(run):
     assert 0 < got["history_excluded"]["ndcg@10_se"] < 0.2  # the standard error comes with it
 
 
+def test_a_baseline_that_crashes_natively_leaves_metrics_complete(run, tmp_path):
+    """A baseline whose process dies (here: SIGSEGV in its own fit, as a native crash does) ends only
+    that baseline: metrics.json has DeftRec and every other baseline, and names it as not run."""
+    import os
+    import shutil
+    import signal
+
+    from deftrec.batch.baselines import Popularity
+    from deftrec.batch.evaluate import run_evaluation
+    from deftrec.config.jobs import EvaluateJobConfig
+
+    class CrashesNatively(Popularity):
+        def fit(self, train_sequences, n_items):
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+    copy = tmp_path / "run"
+    for d in ("data", "model", "index"):
+        shutil.copytree(run / d, copy / d)
+    m = run_evaluation(copy, EvaluateJobConfig(limit=30, batch_size=16), log=lambda s: None,
+                       baselines={"popularity": Popularity(), "crasher": CrashesNatively()})
+    assert set(m["results"]) == {"deftrec", "popularity"}
+    assert list(m["baselines_not_run"]) == ["crasher"] and m["baselines_not_run"]["crasher"]
+    on_disk = json.loads((copy / "eval" / "metrics.json").read_text())
+    assert on_disk["baselines_not_run"] == m["baselines_not_run"]
+    assert "crasher: not run" in (copy / "eval" / "report.md").read_text()
+
+
 def test_evaluation_refuses_missing_stages(tmp_path):
     from deftrec.batch.evaluate import run_evaluation
     from deftrec.config.jobs import EvaluateJobConfig

@@ -38,6 +38,23 @@ def test_structure_check_passes():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_deftrec_trains_in_one_loop():
+    """DeftRec has one training loop, the Ray Train worker's: no other library, entry-point or
+    benchmark module takes a gradient step (LightGCN and SASRec train their own, different models;
+    the GPU benchmark counts one backward pass's FLOPs and steps nothing)."""
+    import re
+
+    allowed = {"deftrec/training/worker.py", "deftrec/training/lightgcn.py", "deftrec/batch/sasrec.py",
+               "benchmarks/gpu_train.py"}
+    stepping = set()
+    for folder in ("deftrec", "pipelines", "benchmarks"):
+        for path in (REPO / folder).rglob("*.py"):
+            if re.search(r"\.backward\(", path.read_text()):
+                stepping.add(path.relative_to(REPO).as_posix())
+    assert stepping <= allowed, sorted(stepping - allowed)
+    assert "deftrec/training/worker.py" in stepping
+
+
 def test_configs_import_no_torch_and_serving_no_training():
     code = (
         "import sys\n"

@@ -13,6 +13,7 @@ which is how the reference figures in ``shared/data/README.md`` were produced).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -28,6 +29,7 @@ __all__ = [
     "EASE",
     "BASELINES",
     "run_baselines",
+    "run_baselines_isolated",
 ]
 
 
@@ -284,3 +286,62 @@ def run_baselines(
                                  with_se=True)
         results[name] = {p: standard_errors(v, len(histories)) for p, v in raw.items()}
     return results
+
+
+def _fit_and_evaluate(name: str, model: Baseline, train_sequences: Sequence[Any], histories: Sequence[Any],
+                      targets: Any, n_items: int, ks: Sequence[int]) -> dict[str, dict[str, float]]:
+    return run_baselines(train_sequences, histories, targets, n_items, ks, models={name: model})[name]
+
+
+def run_baselines_isolated(
+    models: Mapping[str, Baseline],
+    train_sequences: Sequence[Any],
+    histories: Sequence[Any],
+    targets: Any,
+    n_items: int,
+    ks: Sequence[int] = (5, 10, 20),
+    *,
+    timeout_s: float | None = None,
+    gpus: Mapping[str, float] | None = None,
+    log: Any = None,
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
+    """:func:`run_baselines`, each baseline in its own Ray task (one CPU; ``gpus[name]`` GPUs), in
+    parallel where the cluster has room: a native crash, an out-of-memory kill, an exception or
+    ``timeout_s`` seconds end only that baseline.
+
+    Returns (results of the baselines that finished, ``{name: reason}`` of those that did not).
+    """
+    import ray
+
+    say = log or (lambda line: None)
+    fit_ref, hist_ref = ray.put(list(train_sequences)), ray.put(list(histories))
+    task = ray.remote(_fit_and_evaluate)
+    refs = {name: task.options(num_cpus=1, num_gpus=(gpus or {}).get(name, 0), max_retries=0,
+                               name=f"baseline:{name}").remote(name, model, fit_ref, hist_ref, targets, n_items,
+                                                               tuple(ks))
+            for name, model in models.items()}
+    names = {ref: name for name, ref in refs.items()}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    not_run: dict[str, str] = {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(refs.values())
+    while pending:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=wait)
+        if not done:  # the time cap: cancel every baseline still running
+            for ref in pending:
+                ray.cancel(ref, force=True)
+                not_run[names[ref]] = f"exceeded evaluate.baseline_timeout_s={timeout_s:g}"
+            break
+        ref = done[0]
+        try:
+            results[names[ref]] = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:  # an exception inside the baseline
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            not_run[names[ref]] = f"{type(cause).__name__}: {cause}"
+        except ray.exceptions.RayError as e:  # its process died: a native crash, OOM kill, node loss
+            not_run[names[ref]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'process died'}"
+    for name, reason in not_run.items():
+        say(f"[evaluate] baseline {name} not run: {reason}")
+    # report order: the order asked for
+    return ({n: results[n] for n in models if n in results}, {n: not_run[n] for n in models if n in not_run})

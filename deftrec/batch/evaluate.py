@@ -4,7 +4,8 @@ baselines, and a report.
 Evaluation job (``run_evaluation``): the split's users -> ``map_batches`` over an actor pool holding
 model + index: prompt with continuous tokens, (greedy reasoning), condition, diffusion sampling,
 FAISS search with and without history exclusion -> ``eval/recs.parquet``; metrics are recomputed
-from those lists and put beside popularity / Markov / EASE on the same users -> ``metrics.json``,
+from those lists and put beside popularity / Markov / EASE / SASRec on the same users (each baseline in
+its own Ray task, so one that crashes ends alone) -> ``metrics.json``,
 ``report.md`` and ``report.png``.
 
 ``metrics.json`` layout (stable; schema_version 1)::
@@ -12,8 +13,10 @@ from those lists and put beside popularity / Markov / EASE on the same users -> 
     {"schema_version", "split", "users", "sampler", "steps", "seed", "k",
      "seconds": {"load", "condition", "sample", "search", "baselines", "total"},
      "coverage": fraction of the catalog in any user's top-10 (history excluded),
-     "results": {"deftrec" | "popularity" | "markov" | "ease":
-                 {"history_excluded" | "history_kept": {"hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20"}}},
+     "results": {"deftrec" | "popularity" | "markov" | "ease" | "sasrec":
+                 {"history_excluded" | "history_kept": {"hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20",
+                                                        and each with its standard error "<metric>_se"}}},
+     "baselines_not_run": {name: reason} (a baseline that crashed, ran out of memory or time),
      "model_version", "index_version", "protocol"}
 """
 
@@ -139,25 +142,32 @@ def _recommend_users(rows: pa.Table, run_dir: Path, cfg: EvaluateJobConfig, out:
     return recs
 
 
-def _baseline_results(data, es, split: str, cfg: EvaluateJobConfig, log: Callable) -> dict:
+def _baseline_results(data, es, split: str, cfg: EvaluateJobConfig, log: Callable,
+                      models: Optional[dict] = None) -> tuple[dict, dict[str, str]]:
     """The baselines on the same users: fit on every user's sequence before the split's target,
     scored with each user's whole sequence before the target, which is also what they exclude
-    (the same ``es.exclusions`` DeftRec excludes)."""
-    from deftrec.batch.baselines import run_baselines
+    (the same ``es.exclusions`` DeftRec excludes). Each runs in its own Ray task; returns (results,
+    ``{name: reason}`` of those that did not finish)."""
+    from deftrec.batch.baselines import run_baselines_isolated
     from deftrec.batch.registry import build_baselines
 
     fit = data.sequences_before(split)
-    models = build_baselines(cfg.baselines, cfg.sasrec, log=log)
-    base = run_baselines(list(fit), list(es.exclusions), es.targets, data.n_items, KS, models=models)
-    return {name: {p: _select(v) for p, v in protos.items()} for name, protos in base.items()}
+    if models is None:
+        models = build_baselines(cfg.baselines, cfg.sasrec, log=log)
+    base, not_run = run_baselines_isolated(models, list(fit), list(es.exclusions), es.targets, data.n_items, KS,
+                                           timeout_s=cfg.baseline_timeout_s, gpus={"sasrec": cfg.gpus_per_actor},
+                                           log=log)
+    return {name: {p: _select(v) for p, v in protos.items()} for name, protos in base.items()}, not_run
 
 
 def run_evaluation(run_dir: str | Path, cfg: EvaluateJobConfig, log: Callable = print,
-                   loader: Optional[Callable] = None, force: bool = False) -> dict:
+                   loader: Optional[Callable] = None, force: bool = False, baselines: Optional[dict] = None) -> dict:
     """Evaluate ``run_dir/model`` (with ``run_dir/index``) on ``cfg.split`` into ``run_dir/eval``.
 
     Skipped, returning the stored metrics, when ``run_dir/eval`` is up to date for the same config,
-    data, model and index (``force`` re-evaluates).
+    data, model and index (``force`` re-evaluates). ``baselines``: unfitted models by name to report
+    instead of the registry's ``cfg.baselines`` (your own, with the same ``fit``/``score`` protocol).
+    A baseline that does not finish is listed in ``metrics["baselines_not_run"]`` with the reason.
     """
     from deftrec.core.cluster import ensure_ray
     from deftrec.data.samples import load_dataset
@@ -182,7 +192,8 @@ def run_evaluation(run_dir: str | Path, cfg: EvaluateJobConfig, log: Callable = 
         seconds = {s: float(np.sum(recs.column(f"seconds_{s}").to_numpy()))
                    for s in ("load", "condition", "sample", "search")}
         t0 = time.time()
-        results = {"deftrec": metrics_from_recs(recs), **_baseline_results(data, es, cfg.split, cfg, log)}
+        base, not_run = _baseline_results(data, es, cfg.split, cfg, log, baselines)
+        results = {"deftrec": metrics_from_recs(recs), **base}
         seconds["baselines"] = time.time() - t0
         top10 = np.stack(recs.column("items_excluded").to_numpy(zero_copy_only=False))[:, :10]
         seconds["total"] = time.time() - t_all
@@ -193,7 +204,7 @@ def run_evaluation(run_dir: str | Path, cfg: EvaluateJobConfig, log: Callable = 
             "seed": int(recs.column("seed")[0].as_py()), "k": max(KS),
             "seconds": {s: round(v, 3) for s, v in seconds.items()},
             "coverage": float(np.unique(top10[top10 >= 0]).size / data.n_items),
-            "results": results, "model_version": artifact_version(model_dir),
+            "results": results, "baselines_not_run": not_run, "model_version": artifact_version(model_dir),
             "index_version": read_manifest(index_dir).get("version"), "protocol": PROTOCOL,
         }
         write_json_atomic(tmp / "metrics.json", metrics)

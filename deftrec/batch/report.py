@@ -28,6 +28,8 @@ def format_table(metrics: dict) -> str:
         se = f" ± {ex['ndcg@10_se']:.4f}" if "ndcg@10_se" in ex else ""
         lines.append(f"{name:<11} | {ex['hr@10']:>14.4f} {ex['ndcg@10']:.4f}{se:>9} {ex['hr@20']:>6.4f} | "
                      f"{kp['hr@10']:>10.4f} {kp['ndcg@10']:>8.4f}")
+    for name, reason in metrics.get("baselines_not_run", {}).items():
+        lines.append(f"{name:<11} | not run: {reason}")
     return "\n".join(lines)
 
 
@@ -65,6 +67,7 @@ def write_report(metrics: dict, out: Path) -> None:
     text = (f"# DeftRec evaluation\n\nSplit `{metrics['split']}`, {metrics['users']:,} users, sampler "
             f"`{metrics['sampler']}` ({metrics['steps']} steps), seed {metrics['seed']}. Model "
             f"`{metrics['model_version']}`, index `{metrics['index_version']}`.\n\nProtocol: {metrics['protocol']}.\n"
-            + "\n".join(rows) + f"\n\nCoverage@10 (history excluded): {metrics['coverage']:.3f}. Time: {secs}.\n\n"
+            + "\n".join(rows) + "".join(f"\n\n{n}: not run ({r})" for n, r in metrics.get("baselines_not_run", {}).items())
+            + f"\n\nCoverage@10 (history excluded): {metrics['coverage']:.3f}. Time: {secs}.\n\n"
             "![DeftRec vs baselines](report.png)\n")
     (out / "report.md").write_text(text, encoding="utf-8")

@@ -47,8 +47,10 @@ class EvaluateJobConfig:
     actors: int = 1  # model replicas in the actor pool
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
-    # baselines computed beside DeftRec on the same users (all four by default; drop "sasrec" for speed)
+    # baselines computed beside DeftRec on the same users (all four by default; drop "sasrec" for speed),
+    # each in its own Ray task: a crash, an out-of-memory kill or this many seconds end only that one
     baselines: list[str] = dataclasses.field(default_factory=lambda: list(BASELINE_NAMES))
+    baseline_timeout_s: Optional[float] = None
     sasrec: SASRecConfig = dataclasses.field(default_factory=SASRecConfig)
 
     def __post_init__(self):
@@ -67,6 +69,8 @@ class EvaluateJobConfig:
             raise ValueError("steps must be >= 1")
         if self.batch_size < 1 or self.actors < 1:
             raise ValueError("batch_size and actors must be >= 1")
+        if self.baseline_timeout_s is not None and not self.baseline_timeout_s > 0:
+            raise ValueError(f"evaluate.baseline_timeout_s must be > 0 or null, got {self.baseline_timeout_s!r}")
 
 
 @dataclasses.dataclass
