@@ -288,13 +288,15 @@ def run_baselines(
     return results
 
 
-def _fit_and_evaluate(name: str, model: Baseline, train_sequences: Sequence[Any], histories: Sequence[Any],
+def _fit_and_evaluate(name: str, model: Any, train_sequences: Sequence[Any], histories: Sequence[Any],
                       targets: Any, n_items: int, ks: Sequence[int]) -> dict[str, dict[str, float]]:
+    if not isinstance(model, Baseline):  # a factory: build it in this process
+        model = model()
     return run_baselines(train_sequences, histories, targets, n_items, ks, models={name: model})[name]
 
 
 def run_baselines_isolated(
-    models: Mapping[str, Baseline],
+    models: Mapping[str, Any],
     train_sequences: Sequence[Any],
     histories: Sequence[Any],
     targets: Any,
@@ -305,8 +307,8 @@ def run_baselines_isolated(
     gpus: Mapping[str, float] | None = None,
     log: Any = None,
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
-    """:func:`run_baselines`, each baseline in its own Ray task (one CPU; ``gpus[name]`` GPUs), in
-    parallel where the cluster has room: a native crash, an out-of-memory kill, an exception or
+    """:func:`run_baselines`, each baseline (an unfitted model, or a factory that builds one in its
+    process) in its own Ray task (one CPU; ``gpus[name]`` GPUs), in parallel where the cluster has room: a native crash, an out-of-memory kill, an exception or
     ``timeout_s`` seconds end only that baseline.
 
     Returns (results of the baselines that finished, ``{name: reason}`` of those that did not).

@@ -149,11 +149,11 @@ def _baseline_results(data, es, split: str, cfg: EvaluateJobConfig, log: Callabl
     (the same ``es.exclusions`` DeftRec excludes). Each runs in its own Ray task; returns (results,
     ``{name: reason}`` of those that did not finish)."""
     from deftrec.batch.baselines import run_baselines_isolated
-    from deftrec.batch.registry import build_baselines
+    from deftrec.batch.registry import baseline_factories
 
     fit = data.sequences_before(split)
     if models is None:
-        models = build_baselines(cfg.baselines, cfg.sasrec, log=log)
+        models = baseline_factories(cfg.baselines, cfg.sasrec)
     base, not_run = run_baselines_isolated(models, list(fit), list(es.exclusions), es.targets, data.n_items, KS,
                                            timeout_s=cfg.baseline_timeout_s, gpus={"sasrec": cfg.gpus_per_actor},
                                            log=log)

@@ -6,13 +6,14 @@ SASRec, which builds on that module, is imported only when a run asks for it (it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from deftrec.batch.baselines import BASELINES, Baseline
 from deftrec.config.baselines import SASRecConfig
 
-__all__ = ["build_baselines"]
+__all__ = ["baseline_factories", "build_baselines"]
 
 
 def build_baselines(names: Sequence[str], sasrec: SASRecConfig | None = None,
@@ -31,3 +32,17 @@ def build_baselines(names: Sequence[str], sasrec: SASRecConfig | None = None,
         else:
             raise ValueError(f"unknown baseline {name!r}; known: {sorted([*BASELINES, 'sasrec'])}")
     return out
+
+
+def _build_one(name: str, sasrec: SASRecConfig | None) -> Baseline:
+    """One baseline by name, built where it runs (SASRec's progress lines go to that process's stdout)."""
+    return build_baselines([name], sasrec, log=print)[name]
+
+
+def baseline_factories(names: Sequence[str], sasrec: SASRecConfig | None = None) -> dict[str, Callable[[], Baseline]]:
+    """Factories of the baselines by name (checked now), for runs in other processes: a factory
+    pickles where a built model holding a log writer may not."""
+    unknown = [n for n in names if n != "sasrec" and n not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted([*BASELINES, 'sasrec'])}")
+    return {name: functools.partial(_build_one, name, sasrec) for name in names}
