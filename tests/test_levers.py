@@ -228,6 +228,15 @@ def test_normalised_catalog_ce_starts_near_log_n_items_whatever_the_item_space_s
     assert sharper.requires_grad and float(sharper) != pytest.approx(losses[1.0])
 
 
+def test_every_parameter_has_a_dimension_deepspeed_can_broadcast(build):
+    """DeepSpeed broadcasts each parameter as a byte view at start-up, which a 0-dim tensor cannot
+    give: with every lever that adds parameters on, none is a scalar."""
+    m = build("diffusion.ce_scale=normalised", "diffusion.lambda_ce=1.0", "diffusion.cond_dropout=0.1",
+              "item_space=trainable", "diffusion.cond_norm=true")
+    scalars = [n for n, p in m.named_parameters() if p.dim() == 0]
+    assert not scalars, scalars
+
+
 def test_ce_on_generated_scores_the_one_step_generation_from_pure_noise(build):
     """ce_on=generated: the cross-entropy scores the query a one-step sampler retrieves with (the
     denoiser's output from x_T ~ N(0, I) at t = T-1), not the estimate from the noised target."""

@@ -139,8 +139,9 @@ class DiffusionHead(nn.Module):
         self.cfg = cfg
         self.schedule = NoiseSchedule(cfg.T, cfg.beta_start, cfg.beta_end)
         self.denoiser = Denoiser(cfg)
-        # log of the learned sharpness of the normalised catalog cross-entropy (DeftRecTask.catalog_ce)
-        self.ce_log_gain = nn.Parameter(torch.zeros(())) if cfg.ce_scale == "normalised" else None
+        # log of the learned sharpness of the normalised catalog cross-entropy (DeftRecTask.catalog_ce);
+        # shape (1,), not (): DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor cannot view
+        self.ce_log_gain = nn.Parameter(torch.zeros(1)) if cfg.ce_scale == "normalised" else None
 
     # -- small exposed pieces (see NoiseSchedule for the formulas)
     def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
