@@ -166,12 +166,18 @@ def test_dry_run_plans_every_stage_and_touches_nothing(preset, tmp_path, capsys,
     import ray
     import yaml
 
+    import deftrec.core.cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the dry run connected to Ray")
+
     monkeypatch.chdir(REPO)  # the presets' relative input paths
+    monkeypatch.setattr(ray, "init", no_ray)  # other tests may have started Ray in this process already
+    monkeypatch.setattr(deftrec.core.cluster, "ensure_ray", no_ray)
     run_dir = tmp_path / "run"
     rc, plan, err = _dry_run(capsys, "--config", preset, "--run-dir", run_dir)
     assert rc == 0, err
     assert not run_dir.exists() and list(tmp_path.iterdir()) == []
-    assert not ray.is_initialized()
     stages = yaml.safe_load(preset.read_text())["stages"]
     assert list(plan["stages"]) == stages
     for name, entry in plan["stages"].items():
