@@ -109,7 +109,10 @@ def test_evaluation_metrics_recs_and_determinism(run):
     assert list(metrics["results"]) == ["deftrec", "popularity", "markov", "ease", "sasrec"]  # all four by default
     for r in metrics["results"].values():
         assert set(r) == {"history_excluded", "history_kept"}
-        assert set(r["history_excluded"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (5, 10, 20)}
+        assert set(r["history_excluded"]) == {f"{m}@{k}{se}" for m in ("hr", "ndcg") for k in (5, 10, 20)
+                                              for se in ("", "_se")}  # each with its standard error
+        assert 0 < r["history_excluded"]["ndcg@10_se"] < 0.2 or r["history_excluded"]["ndcg@10"] == 0
+    assert metrics["baselines_not_run"] == {}
     assert metrics["users"] == 60 and metrics["sampler"] == "ddim" and metrics["steps"] == 5
     assert (out / "report.md").read_text().count("| deftrec |") == 2 and (out / "report.png").stat().st_size > 1000
     # metrics equal an independent computation from recs.parquet
