@@ -59,6 +59,10 @@ def run(tmp_path_factory, synth_small):
 
     root = tmp_path_factory.mktemp("served")
     model = toy_run(root, synth_small)
+    # the same weights re-exported without the record of the data they trained on (an export made
+    # outside the pipeline): the catalog is then matched by its items, so renamed titles belong to it
+    shutil.rmtree(root / "model")
+    export_model(model, root / "model")
     export_model(model, root / "model_b", extra={"version": "b"})
     export_model(model, root / "model_c", extra={"inputs": {"data": "0123456789abcdef"}})
     run_index_job(root, IndexConfig(), log=lambda s: None)
