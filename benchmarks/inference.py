@@ -127,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "cpu", "gpu"])
     ap.add_argument("--data", help="the preprocessed data of --model-dir's run")
-    ap.add_argument("--model-dir", help="an exported model instead of in-process training")
+    ap.add_argument("--model-dir", help="an exported model instead of a fresh pipeline run")
     ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--train-steps", type=int, default=300)
