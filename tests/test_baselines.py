@@ -10,11 +10,13 @@ import pytest
 from deftrec.batch.baselines import (
     BASELINES,
     EASE,
+    interaction_gram,
     Baseline,
     MarkovLastItem,
     Popularity,
     run_baselines,
 )
+from deftrec.core.config import ConfigError
 from deftrec.retrieval.metrics import evaluate_both_protocols, topk
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -96,23 +98,24 @@ def test_ease_equals_columnwise_ridge_solution():
     np.testing.assert_array_equal(s[1], np.zeros(n_items))
 
 
-def test_ease_gram_built_in_blocks_matches_single_block():
+def test_ease_sparse_gram_equals_the_dense_product():
     rng = np.random.default_rng(1)
-    seqs = [rng.integers(0, 6, size=rng.integers(0, 4)) for _ in range(23)]
-    one = EASE(lam=2.0, block_users=100).fit(seqs, 6).B_
-    blocked = EASE(lam=2.0, block_users=4).fit(seqs, 6).B_  # 6 blocks, the last one partial
-    np.testing.assert_allclose(blocked, one, atol=1e-6)
+    seqs = [rng.integers(0, 6, size=rng.integers(0, 5)) for _ in range(23)]  # repeats and empty users
     x = np.zeros((23, 6))
     for u, s in enumerate(seqs):
         x[u, s] = 1.0
-    np.testing.assert_allclose(one, _ease_by_columns(x, 2.0), atol=1e-6)
+    np.testing.assert_array_equal(interaction_gram(seqs, 6).numpy(), x.T @ x)
+    np.testing.assert_allclose(EASE(lam=2.0).fit(seqs, 6).B_, _ease_by_columns(x, 2.0), atol=1e-6)
+
+
+def test_ease_refuses_a_catalog_whose_matrices_do_not_fit_before_any_work():
+    with pytest.raises(ConfigError, match=r"EASE needs 6\.0 GiB for two dense 20,000 x 20,000 float64 matrices "
+                       r"\(n_items=20,000\) but 1\.0 GiB is available: leave 'ease' out of evaluate\.baselines"):
+        EASE.check_memory(20_000, available_bytes=2**30)
+    EASE.check_memory(20_000, available_bytes=EASE.required_bytes(20_000))  # exactly enough: accepted
 
 
 def test_configs_validate():
-    with pytest.raises(ValueError, match="max_items"):
-        EASE(max_items=10).fit(TRAIN, 11)
-    with pytest.raises(ValueError, match="block_users"):
-        EASE(block_users=0)
     with pytest.raises(ValueError, match="lam"):
         EASE(lam=0.0)
     with pytest.raises(ValueError, match="tie_break"):

@@ -138,8 +138,8 @@ def test_library_checks_raise_the_user_error_types(tmp_path):
 
     with pytest.raises(ConfigError, match="give no full optimizer step"):
         plan_steps(3, TrainConfig(batch_size=4), 1)
-    with pytest.raises(ConfigError, match="n_items=11 exceeds max_items=10"):
-        EASE(max_items=10).fit([[0, 1], [2, 3]], 11)
+    with pytest.raises(ConfigError, match="leave 'ease' out of evaluate.baselines"):
+        EASE.check_memory(11, available_bytes=100)
     with pytest.raises(ConfigError, match="eval.steps must be set for the ddim sampler"):
         inference_overrides(InferenceConfig(sampler="ddpm", steps=None), sampler="ddim")
     with pytest.raises(RunIdentityError, match=r"runs/x holds a run with a different configuration \(fingerprint "

@@ -27,6 +27,7 @@ __all__ = [
     "Popularity",
     "MarkovLastItem",
     "EASE",
+    "interaction_gram",
     "BASELINES",
     "run_baselines",
     "run_baselines_isolated",
@@ -184,6 +185,26 @@ class MarkovLastItem(_Fitted):
 # --------------------------------------------------------------------------- EASE
 
 
+def _available_memory_bytes() -> int:
+    """Memory this machine can still give a process (psutil: a Ray dependency)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def interaction_gram(sequences: Sequence[Any], n_items: int):
+    """X^T X of the binary user x item matrix X of ``sequences`` (a repeated item counts once), as a
+    dense float64 torch tensor [n_items, n_items], by a sparse product: X itself is never dense."""
+    import torch
+
+    rows, items = _flatten_histories(sequences, n_items, "training")
+    pairs = np.unique(rows * n_items + items)
+    index = torch.from_numpy(np.stack([pairs // n_items, pairs % n_items]))
+    x = torch.sparse_coo_tensor(index, torch.ones(pairs.size, dtype=torch.float64), (len(sequences), n_items),
+                                is_coalesced=True, check_invariants=True)
+    return torch.sparse.mm(x.t().coalesce(), x).to_dense()
+
+
 @dataclass(eq=False)
 class EASE(_Fitted):
     """EASE^R (Steck, WWW 2019): item-item linear autoencoder with a zero diagonal.
@@ -195,46 +216,50 @@ class EASE(_Fitted):
     ``x_u B`` with ``x_u`` the binary vector of its history (an empty history scores 0
     everywhere, so ties are broken by item index).
 
-    The dense N x N inverse (float64) costs O(N^3) time and 8 N^2 bytes, hence ``max_items``.
+    X^T X is a sparse product (X is never dense: its cost follows the interactions, not users x
+    items); the inverse is dense, O(N^3) time and two N x N float64 matrices at its peak
+    (:meth:`required_bytes`), which :meth:`check_memory` compares with what the machine has before
+    any work.
     """
 
     lam: float = 250.0
-    max_items: int = 20_000
-    #: users per block when accumulating X^T X; None -> about 2**24 matrix entries per block
-    block_users: int | None = None
     B_: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.lam > 0:
             raise ValueError(f"lam must be > 0 (it makes X^T X + lam I invertible), got {self.lam}")
-        if isinstance(self.max_items, bool) or not isinstance(self.max_items, int) or self.max_items < 1:
-            raise ValueError(f"max_items must be a positive int, got {self.max_items!r}")
-        if self.block_users is not None and (
-            isinstance(self.block_users, bool) or not isinstance(self.block_users, int) or self.block_users < 1
-        ):
-            raise ValueError(f"block_users must be None or a positive int, got {self.block_users!r}")
+
+    @staticmethod
+    def required_bytes(n_items: int) -> int:
+        """Peak memory of :meth:`fit`: the Gram matrix and its inverse, N x N float64 each."""
+        return 2 * 8 * int(n_items) ** 2
+
+    @classmethod
+    def check_memory(cls, n_items: int, available_bytes: int | None = None) -> None:
+        """Refuse a catalog whose dense N x N matrices do not fit in ``available_bytes`` (default: the
+        memory available on this machine now), naming the numbers and the setting that skips EASE."""
+        need = cls.required_bytes(n_items)
+        have = _available_memory_bytes() if available_bytes is None else int(available_bytes)
+        if need > have:
+            raise ConfigError(
+                f"EASE needs {need / 2**30:.1f} GiB for two dense {n_items:,} x {n_items:,} float64 matrices "
+                f"(n_items={n_items:,}) but {have / 2**30:.1f} GiB is available: leave 'ease' out of "
+                f"evaluate.baselines to skip it, or evaluate on a machine with more memory"
+            )
 
     def fit(self, train_sequences: Sequence[Any], n_items: int) -> "EASE":
+        import torch
+
         n = _check_n_items(n_items)
-        if n > self.max_items:  # a catalog too large for a requested baseline: the user's choice
-            raise ConfigError(
-                f"EASE needs a dense {n} x {n} inverse ({8 * n * n / 2**30:.1f} GiB in float64); "
-                f"n_items={n} exceeds max_items={self.max_items}. Raise max_items if memory allows."
-            )
-        rows, items = _flatten_histories(train_sequences, n, "training")
-        gram = np.zeros((n, n), dtype=np.float64)
-        # Build X^T X from binary rows in user blocks so X is never dense for all users.
-        block = self.block_users or max(1, (1 << 24) // n)
-        n_users = len(train_sequences)
-        bounds = np.searchsorted(rows, np.arange(0, n_users + block, block))  # rows are sorted
-        for i, lo in enumerate(range(0, n_users, block)):
-            a, z = bounds[i], bounds[i + 1]
-            x = np.zeros((min(block, n_users - lo), n), dtype=np.float64)
-            x[rows[a:z] - lo, items[a:z]] = 1.0
-            gram += x.T @ x
-        gram[np.diag_indices(n)] += self.lam
-        p = np.linalg.inv(gram)
-        del gram  # keep the peak at two N x N float64 matrices
+        self.check_memory(n)
+        gram = interaction_gram(train_sequences, n)
+        gram.diagonal().add_(self.lam)
+        # X^T X + lam I is symmetric positive definite: its Cholesky factor inverts it with one
+        # N x N matrix alive beside it (a general inverse holds three)
+        factor = torch.linalg.cholesky(gram)
+        del gram
+        p = torch.cholesky_inverse(factor).numpy()
+        del factor
         p /= -np.diag(p)[None, :]  # in place: B_ij = -P_ij / P_jj
         p[np.diag_indices(n)] = 0.0
         self.B_ = p.astype(np.float32)

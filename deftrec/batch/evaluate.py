@@ -186,6 +186,10 @@ def run_evaluation(run_dir: str | Path, cfg: EvaluateJobConfig, log: Callable = 
     data = load_dataset(run_dir / "data")
     es = data.split(cfg.split)
     es = es.subset(np.arange(len(es) if cfg.limit is None else min(cfg.limit, len(es))))
+    if baselines is None and "ease" in cfg.baselines:  # refuse before any work, not after DeftRec's scoring
+        from deftrec.batch.baselines import EASE
+
+        EASE.check_memory(data.n_items)
     log(f"[evaluate] {cfg.split}: {len(es):,} users, batch {cfg.batch_size}, {cfg.actors} actor(s)")
     with atomic_directory(out, overwrite=True) as tmp:
         recs = _recommend_users(_user_rows(es), run_dir, cfg, tmp, loader)
