@@ -46,6 +46,7 @@ from torch import nn
 
 from deftrec.batch.baselines import _check_n_items
 from deftrec.config.baselines import SASRecConfig
+from deftrec.model.softmax import draw_negatives, sampled_softmax_ce, uses_sampled_softmax
 from deftrec.retrieval.metrics import _flatten_histories, evaluate_in_chunks
 
 __all__ = ["SASRecNet", "SASRec"]
@@ -210,6 +211,15 @@ class SASRec:
                                  np.arange(len(histories)), targets, histories, 1024, _EVAL_KS)
         return res["history_excluded"]["ndcg@10"]
 
+    def _loss(self, model: SASRecNet, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the next items: full softmax, or against ``negatives`` sampled items."""
+        n_items = model.item.num_embeddings - 1
+        if not uses_sampled_softmax(self.cfg.negatives, n_items):
+            return F.cross_entropy(model.logits(h), targets)
+        neg_ids, neg_log_q = draw_negatives(n_items, self.cfg.negatives, h.device)
+        items = model.item.weight[1:]
+        return sampled_softmax_ce((h * items[targets]).sum(1), h @ items[neg_ids].T, targets, neg_ids, neg_log_q)
+
     def _epoch(self, model: SASRecNet, opt: torch.optim.Optimizer, mat: np.ndarray,
                rng: np.random.Generator, deadline: float) -> tuple[float, bool]:
         """One pass in random order; returns (mean loss per position, whether the deadline passed)."""
@@ -221,7 +231,7 @@ class SASRec:
             batch = torch.from_numpy(_trim(mat[order[start:start + self.cfg.batch_size]])).to(device)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             real = inputs > 0  # right-aligned rows: a real input always has a real next item
-            loss = F.cross_entropy(model.logits(model.hidden(inputs)[real]), targets[real] - 1)
+            loss = self._loss(model, model.hidden(inputs)[real], targets[real] - 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -28,6 +28,7 @@ class SASRecConfig:
     heads: int = 1  # attention heads; must divide dim
     max_len: int = 200  # items of history the model reads (and trains on per user, + 1 target)
     dropout: float = 0.2  # on embeddings, attention weights, feed-forward and residual branches
+    negatives: int | None = None  # None: full softmax; S: S sampled negatives (log Q) on larger catalogs
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     batch_size: int = 128  # users (sequences) per optimiser step
@@ -44,6 +45,7 @@ class SASRecConfig:
         for name in ("dim", "blocks", "heads", "max_len", "batch_size", "max_epochs", "eval_every", "patience"):
             _pos_int(owner, name, getattr(self, name))
         _pos_int(owner, "threads", self.threads, allow_none=True)
+        _pos_int(owner, "negatives", self.negatives, allow_none=True)
         if self.dim % self.heads:
             raise ValueError(f"{owner}.heads ({self.heads}) must divide {owner}.dim ({self.dim})")
         _nonneg_float(owner, "dropout", self.dropout, upper=1.0)

@@ -52,6 +52,7 @@ from deftrec.config.model import DeftRecConfig
 from deftrec.data.samples import ItemCatalog
 from deftrec.model.diffusion import DiffusionHead
 from deftrec.model.keyed_noise import keyed_normal
+from deftrec.model.softmax import draw_negatives, sampled_softmax_ce, uses_sampled_softmax
 from deftrec.model.prompts import (
     IGNORE_INDEX,
     build_generation_batch,
@@ -387,9 +388,9 @@ class DeftRecTask(nn.Module):
             neg_x0 = m.head.sample_negative_mean(fixed, targets.shape[0], exclude=targets, generator=generator)
         d = m.head.loss(fixed[targets], cond, neg_x0, generator=generator)
         if m.head.cfg.lambda_ce > 0 and m.head.cfg.ce_on == "generated":
-            ce = self.catalog_ce(m.head.generated_x0(cond, generator), table, targets)
+            ce = self.catalog_ce(m.head.generated_x0(cond, generator), table, targets, generator)
         else:
-            ce = self.catalog_ce(d["x0_hat"], table, targets)
+            ce = self.catalog_ce(d["x0_hat"], table, targets, generator)
         total = self.lambda_lm * lm + d["loss"] + m.head.cfg.lambda_ce * ce
         return {"lm": lm, "pos": d["pos"], "neg": d["neg"], "ce": ce, "total": total}
 
@@ -405,20 +406,30 @@ class DeftRecTask(nn.Module):
             last[:-1] = sample[1:] != sample[:-1]
         return torch.where(last, batch["targets"][sample], torch.roll(items, -1))
 
-    def catalog_ce(self, x0_hat: Tensor, table: Tensor, targets: Tensor) -> Tensor:
-        """Full-catalog cross-entropy of the x0 estimates' scores (``eval.score``'s rule, in the
-        diffusion space) over ``diffusion.ce_temperature``, and with ``ce_scale: normalised`` over the
-        mean squared norm of the item matrix times a learned gain; 0 (and no work) when lambda_ce is 0."""
+    def catalog_ce(self, x0_hat: Tensor, table: Tensor, targets: Tensor,
+                   generator: torch.Generator | None = None) -> Tensor:
+        """Catalog cross-entropy of the x0 estimates' scores (``eval.score``'s rule, in the diffusion
+        space) over ``diffusion.ce_temperature``, and with ``ce_scale: normalised`` over the mean squared
+        norm of the item matrix times a learned gain: over the full catalog, or against
+        ``diffusion.ce_negatives`` sampled items (:mod:`deftrec.model.softmax`); 0 (and no work) when
+        lambda_ce is 0."""
         head = self.model.head
         cfg = head.cfg
         if cfg.lambda_ce == 0:
             return x0_hat.new_zeros((), dtype=torch.float32)
         q, keys = x0_hat.float(), table.float()
-        scores = q @ keys.T
-        sq_norms = keys.pow(2).sum(1)
-        if self.model.cfg.eval.score == "l2":  # -||q - k||^2 up to the per-row constant -||q||^2
-            scores = 2.0 * scores - sq_norms[None, :]
-        logits = scores / cfg.ce_temperature
+        l2 = self.model.cfg.eval.score == "l2"  # -||q - k||^2 up to the per-row constant -||q||^2
+        factor = 1.0 / cfg.ce_temperature
         if head.ce_log_gain is not None:  # scores are squared-norm sized: divide the scale out, learn the gain
-            logits = logits * (head.ce_log_gain.float().exp() / sq_norms.mean().detach().clamp_min(1e-12))
-        return F.cross_entropy(logits, targets)
+            factor = factor * head.ce_log_gain.float().exp() / keys.pow(2).sum(1).mean().detach().clamp_min(1e-12)
+        if not uses_sampled_softmax(cfg.ce_negatives, keys.shape[0]):
+            scores = q @ keys.T
+            if l2:
+                scores = 2.0 * scores - keys.pow(2).sum(1)[None, :]
+            return F.cross_entropy(scores * factor, targets)
+        neg_ids, neg_log_q = draw_negatives(keys.shape[0], cfg.ce_negatives, q.device, generator)
+        pos_keys, neg_keys = keys[targets], keys[neg_ids]
+        pos, neg = (q * pos_keys).sum(1), q @ neg_keys.T
+        if l2:
+            pos, neg = 2.0 * pos - pos_keys.pow(2).sum(1), 2.0 * neg - neg_keys.pow(2).sum(1)[None, :]
+        return sampled_softmax_ce(pos * factor, neg * factor, targets, neg_ids, neg_log_q)

@@ -1,0 +1,52 @@
+"""A catalog softmax whose cost follows a number of sampled negatives, not the catalog size.
+
+Full softmax cross-entropy over n items costs O(n) scores per position; with ``negatives = S < n``
+:func:`sampled_softmax_ce` scores the target and S items drawn uniformly (with replacement, shared
+by the batch) instead, each logit corrected by log Q, Q the expected number of draws of that item
+(Jean et al. 2015; Yi et al. 2019): the estimate is unbiased in the limit and, with every item drawn
+once, it is exactly the full softmax. A negative that is the row's own target (an accidental hit)
+is masked, so the target is never its own negative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["draw_negatives", "sampled_softmax_ce", "uses_sampled_softmax"]
+
+
+def uses_sampled_softmax(negatives: int | None, n_items: int) -> bool:
+    """Sampled softmax applies when ``negatives`` is set and smaller than the catalog."""
+    return negatives is not None and negatives < n_items
+
+
+def draw_negatives(n_items: int, negatives: int, device: torch.device | str,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``negatives`` item ids drawn uniformly with replacement [S] and their log Q [S], Q = S / n_items
+    (the expected number of times each item is drawn)."""
+    ids = torch.randint(n_items, (negatives,), device=device, generator=generator)
+    log_q = torch.full((negatives,), math.log(negatives / n_items), device=device)
+    return ids, log_q
+
+
+def sampled_softmax_ce(pos_logits: Tensor, neg_logits: Tensor, targets: Tensor, neg_ids: Tensor,
+                       neg_log_q: Tensor, pos_log_q: Tensor | None = None) -> Tensor:
+    """Mean cross-entropy of the targets against sampled negatives.
+
+    Args:
+        pos_logits: [B] the logit of each row's target.
+        neg_logits: [B, S] the logits of the negatives ``neg_ids`` [S] for each row.
+        targets: [B] each row's target id (negatives equal to it are masked).
+        neg_log_q: [S] log of each negative's expected draw count.
+        pos_log_q: [B] the same for the targets (default: the negatives' value for uniform draws,
+            which every logit shares and so changes nothing).
+    """
+    if pos_log_q is None:
+        pos_log_q = neg_log_q[:1].expand_as(pos_logits) if neg_log_q.numel() else torch.zeros_like(pos_logits)
+    neg = (neg_logits - neg_log_q[None, :]).masked_fill(neg_ids[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([(pos_logits - pos_log_q)[:, None], neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))

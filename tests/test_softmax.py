@@ -1,0 +1,70 @@
+"""Sampled softmax (deftrec.model.softmax) for DeftRec's catalog cross-entropy and SASRec."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deftrec.model.deftrec as deftrec_module
+from deftrec.batch.sasrec import SASRec
+from deftrec.config.baselines import SASRecConfig
+from deftrec.model.deftrec import DeftRecTask
+from deftrec.model.softmax import draw_negatives, sampled_softmax_ce, uses_sampled_softmax
+from tests.test_levers import D_C, N_ITEMS, build, cache  # noqa: F401  (module fixtures)
+
+
+def every_item_once(n_items, negatives, device, generator=None):
+    """Negatives that are the whole catalog, each drawn once: Q = 1 for every item."""
+    return torch.arange(n_items, device=device), torch.zeros(n_items, device=device)
+
+
+def test_sampled_softmax_with_every_item_as_negative_equals_the_full_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 11, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    ids, log_q = every_item_once(11, 11, "cpu")
+    sampled = sampled_softmax_ce(logits[torch.arange(7), targets], logits[:, ids], targets, ids, log_q)
+    full = F.cross_entropy(logits, targets)
+    torch.testing.assert_close(sampled, full)
+    (g_sampled,) = torch.autograd.grad(sampled, logits)
+    (g_full,) = torch.autograd.grad(full, logits)
+    torch.testing.assert_close(g_sampled, g_full)
+
+
+def test_uniform_draws_and_their_correction():
+    assert uses_sampled_softmax(100, 1000) and not uses_sampled_softmax(None, 1000)
+    assert not uses_sampled_softmax(1000, 1000)  # the whole catalog: the full softmax is exact and as cheap
+    ids, log_q = draw_negatives(50, 4000, "cpu", torch.Generator().manual_seed(0))
+    assert ids.min() >= 0 and ids.max() < 50 and len(set(ids.tolist())) == 50
+    torch.testing.assert_close(log_q, torch.full((4000,), float(np.log(80.0))))
+    # a negative equal to the row's target is masked: the target is never its own negative
+    loss = sampled_softmax_ce(torch.zeros(1), torch.tensor([[5.0, 0.0]]), torch.tensor([3]), torch.tensor([3, 4]),
+                              torch.zeros(2))
+    torch.testing.assert_close(loss, torch.tensor(float(np.log(2.0))))
+
+
+@pytest.mark.parametrize("score", ["l2", "ip"])
+@pytest.mark.parametrize("scale", ["raw", "normalised"])
+def test_deftrec_catalog_ce_sampled_over_the_whole_catalog_equals_the_full_one(build, monkeypatch, score, scale):
+    full = DeftRecTask(build("diffusion.lambda_ce=1.0", f"diffusion.ce_scale={scale}", f"eval.score={score}"))
+    sampled = DeftRecTask(build("diffusion.lambda_ce=1.0", f"diffusion.ce_scale={scale}", f"eval.score={score}",
+                                f"diffusion.ce_negatives={N_ITEMS - 1}"))
+    monkeypatch.setattr(deftrec_module, "draw_negatives", every_item_once)
+    g = torch.Generator().manual_seed(0)
+    q, table = torch.randn(64, D_C, generator=g), torch.randn(N_ITEMS, D_C, generator=g)
+    targets = torch.randint(0, N_ITEMS, (64,), generator=g)
+    torch.testing.assert_close(sampled.catalog_ce(q, table, targets), full.catalog_ce(q, table, targets))
+
+
+def test_sasrec_learns_a_cycle_with_sampled_negatives():
+    """Sequences that walk a cycle of 40 items: with 8 sampled negatives per step SASRec still learns
+    the next item."""
+    n = 40
+    seqs = [np.arange(s, s + 12) % n for s in range(n)] * 4
+    model = SASRec(SASRecConfig(dim=16, blocks=1, max_len=12, negatives=8, max_epochs=30, patience=30,
+                                batch_size=32, lr=5e-3, dropout=0.0, threads=1)).fit(seqs, n)
+    scores = model.score([np.arange(s, s + 6) % n for s in range(n)])
+    hits = np.mean(scores.argmax(1) == (np.arange(n) + 6) % n)
+    assert hits > 0.8, hits
