@@ -21,6 +21,7 @@ from deftrec.retrieval.metrics import evaluate_scores
 from deftrec.training.collab_job import fit_collab
 from deftrec.training.lightgcn import (
     _InteractionSet,
+    epoch_batch_size,
     epoch_shard,
     hit_rate_at_k,
     sample_negatives,
@@ -204,6 +205,22 @@ def test_training_is_deterministic_for_a_seed():
     assert h1 == h2 and [r["epoch"] for r in h1] == [1, 2, 3]
     U3, _, _ = train_lightgcn(u, i, 60, 40, LightGCNConfig(dim=8, epochs=3, batch_size=128, seed=6), log=None)
     assert not np.array_equal(U1, U3)
+
+
+def test_an_epoch_is_at_most_max_steps_per_epoch_whatever_the_data_size():
+    cfg = LightGCNConfig(batch_size=100, max_steps_per_epoch=10)
+    assert epoch_batch_size(500, cfg) == 100  # small data: the configured batch
+    assert epoch_batch_size(10_001, cfg) == 1001  # larger: raised so that 10 steps cover the pairs
+    assert epoch_batch_size(10_001, dataclasses.replace(cfg, max_steps_per_epoch=None)) == 100
+    u, i, _ = _planted(n_users=60, n_items=40, seed=1)
+    lines = []
+    train_lightgcn(u, i, 60, 40, LightGCNConfig(dim=8, epochs=1, batch_size=16, max_steps_per_epoch=3),
+                   log=lines.append)
+    n_pairs = len(set(zip(u.tolist(), i.tolist())))
+    assert f"{n_pairs:,} training pairs: batch {-(-n_pairs // 3):,}" in lines[0], lines
+    assert "3 steps per epoch" in lines[0], lines
+    with pytest.raises(ValueError, match="max_steps_per_epoch"):
+        LightGCNConfig(max_steps_per_epoch=0)
 
 
 def _planted(n_users=300, n_items=200, n_cat=5, n_inter=20, seed=0):

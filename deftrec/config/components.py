@@ -136,7 +136,10 @@ class LightGCNConfig:
     layers: int = 3  # L propagation layers; 0 reduces to BPR-MF
     lr: float = 5e-3  # Adam learning rate
     reg: float = 1e-4  # L2 weight on the batch's ego (layer-0) embeddings
-    batch_size: int = 2048  # global (user, pos, neg) triples per optimiser step
+    batch_size: int = 2048  # global (user, pos, neg) triples per optimiser step (at least)
+    # every step propagates the whole graph: larger data raises the batch so that one epoch is at most
+    # this many steps (its cost then grows with the edges, not edges x pairs / batch_size)
+    max_steps_per_epoch: int | None = 100
     epochs: int = 50  # maximum number of passes over the training pairs
     seed: int = 42  # initialisation, shuffling and negative sampling
     eval_every: int = 5  # validate every this many epochs (and after the last)
@@ -147,6 +150,7 @@ class LightGCNConfig:
     def __post_init__(self) -> None:
         for name in ("dim", "batch_size", "epochs", "eval_every"):
             _pos_int("LightGCNConfig", name, getattr(self, name))
+        _pos_int("LightGCNConfig", "max_steps_per_epoch", self.max_steps_per_epoch, allow_none=True)
         if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 0:
             raise ValueError(f"LightGCNConfig.layers must be an int >= 0, got {self.layers!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):

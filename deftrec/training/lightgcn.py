@@ -167,6 +167,14 @@ def _process_group(rank: int, world_size: int) -> tuple[int, int, bool]:
     return rank, world_size, False
 
 
+def epoch_batch_size(n_pairs: int, cfg: LightGCNConfig) -> int:
+    """The global batch: ``batch_size``, raised so that an epoch of ``n_pairs`` takes at most
+    ``max_steps_per_epoch`` steps (each step propagates the whole graph)."""
+    if cfg.max_steps_per_epoch is None:
+        return cfg.batch_size
+    return max(cfg.batch_size, -(-n_pairs // cfg.max_steps_per_epoch))
+
+
 def _plan(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, cfg: LightGCNConfig,
           valid: Valid | None, rank: int, world_size: int) -> _Run:
     """Validate the inputs and fix the pairs, the rank layout and the per-epoch step count."""
@@ -182,7 +190,7 @@ def _plan(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, cfg:
         if len(v_excluded) != len(v_users) or len(v_targets) != len(v_users):
             raise ValueError("valid must be (users, exclusions, targets) of equal length")
     shard_len = -(-pu.size // world_size)
-    per_rank_batch = -(-cfg.batch_size // world_size)
+    per_rank_batch = -(-epoch_batch_size(pu.size, cfg) // world_size)
     return _Run(cfg=cfg, rank=rank, world_size=world_size, distributed=distributed, device=torch.device(cfg.device),
                 pairs_u=pu, pairs_i=pi, seen=_InteractionSet(pu, pi, n_items), n_items=n_items,
                 per_rank_batch=per_rank_batch, steps=-(-shard_len // per_rank_batch))
@@ -289,6 +297,9 @@ def train_lightgcn(
     objective = _objective(model, run)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     say = log if run.rank == 0 else None
+    if say is not None and run.per_rank_batch * run.world_size > cfg.batch_size:
+        say(f"[lightgcn] {run.pairs_u.size:,} training pairs: batch {run.per_rank_batch * run.world_size:,} "
+            f"(collab.max_steps_per_epoch={cfg.max_steps_per_epoch}), {run.steps} steps per epoch")
 
     history: list[dict] = []
     stopping = _EarlyStopping(cfg.patience)
