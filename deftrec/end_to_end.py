@@ -193,7 +193,8 @@ def _stage_resources(name: str, cfg: PipelineConfig) -> dict:
         return {"kind": "ray_data_actor_pool", "actors": 1, "cpus_per_actor": 1, "gpus_per_actor": 0}
     if name == "evaluate":
         e = cfg.evaluate
-        return {"kind": "ray_data_actor_pool", "actors": e.actors, "cpus_per_actor": e.cpus_per_actor,
+        actors = e.actors if e.actors is not None else "auto: the cluster's GPUs / gpus_per_actor, else CPUs - 1"
+        return {"kind": "ray_data_actor_pool", "actors": actors, "cpus_per_actor": e.cpus_per_actor,
                 "gpus_per_actor": e.gpus_per_actor, "baselines_on": "driver", "sasrec_device": e.sasrec.device}
     return {"kind": "driver"}
 

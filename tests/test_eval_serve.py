@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from deftrec.config.jobs import IndexConfig
+from deftrec.config.jobs import EvaluateJobConfig, IndexConfig
 from deftrec.core.artifacts import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -515,3 +515,15 @@ def test_build_app_refuses_unknown_topology(run):
         build_app(str(run), topology="sideways")
     with pytest.raises(ValueError, match="unknown application argument"):
         app({"run_dir": str(run), "topolgy": "fused"})
+
+
+def test_evaluation_actors_are_sized_from_the_cluster_unless_set():
+    from deftrec.batch.evaluate import evaluation_actors
+
+    auto = EvaluateJobConfig(batch_size=10)
+    assert evaluation_actors(auto, 1000, {"CPU": 16.0}) == 15  # one CPU left to Ray Data's own tasks
+    assert evaluation_actors(auto, 1000, {"CPU": 2.0}) == 1
+    assert evaluation_actors(auto, 25, {"CPU": 16.0}) == 3  # no more actors than batches
+    gpu = EvaluateJobConfig(batch_size=10, gpus_per_actor=0.5)
+    assert evaluation_actors(gpu, 1000, {"CPU": 64.0, "GPU": 4.0}) == 8
+    assert evaluation_actors(EvaluateJobConfig(actors=3), 1000, {"CPU": 64.0}) == 3

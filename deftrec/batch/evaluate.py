@@ -121,19 +121,33 @@ def _user_rows(es) -> pa.Table:
                      "target": pa.array(es.targets, pa.int64())})
 
 
+def evaluation_actors(cfg: EvaluateJobConfig, n_users: int, cluster: dict[str, float]) -> int:
+    """The scoring actors: ``cfg.actors``, or (null) as many as the cluster's GPUs hold at
+    ``gpus_per_actor`` each, else its CPUs at ``cpus_per_actor`` each less one CPU for Ray Data's
+    own tasks; at least one, at most one per batch of users."""
+    if cfg.actors is not None:
+        return cfg.actors
+    if cfg.gpus_per_actor > 0:
+        fit = int(cluster.get("GPU", 0.0) // cfg.gpus_per_actor)
+    else:
+        fit = int((cluster.get("CPU", 1.0) - 1.0) // cfg.cpus_per_actor)
+    return max(1, min(fit, -(-n_users // cfg.batch_size)))
+
+
 def _recommend_users(rows: pa.Table, run_dir: Path, cfg: EvaluateJobConfig, out: Path,
                      loader: Optional[Callable]) -> pa.Table:
     """DeftRec's top-K lists for every row (Ray Data actor pool), written to ``out/recs.parquet``."""
     import ray
 
     n = rows.num_rows
-    ds = ray.data.from_arrow(rows).repartition(max(1, min(n // cfg.batch_size, 4 * cfg.actors)))
+    actors = evaluation_actors(cfg, n, ray.cluster_resources())
+    ds = ray.data.from_arrow(rows).repartition(max(1, min(n // cfg.batch_size, 4 * actors)))
     ds = ds.map_batches(
         BatchRecommender,
         fn_constructor_kwargs=dict(model_dir=str(run_dir / "model"), index_dir=str(run_dir / "index"),
                                    sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed, explain=cfg.explain,
                                    k=max(KS), loader=loader),
-        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor,
+        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor, batch_format="numpy")
     ds.write_parquet(str(out / "recs.parquet"))
     recs = pq.read_table(out / "recs.parquet").sort_by("user")
@@ -190,7 +204,11 @@ def run_evaluation(run_dir: str | Path, cfg: EvaluateJobConfig, log: Callable = 
         from deftrec.batch.baselines import EASE
 
         EASE.check_memory(data.n_items)
-    log(f"[evaluate] {cfg.split}: {len(es):,} users, batch {cfg.batch_size}, {cfg.actors} actor(s)")
+    import ray
+
+    actors = evaluation_actors(cfg, len(es), ray.cluster_resources())
+    sized = "" if cfg.actors is not None else " (sized from the cluster: evaluate.actors=null)"
+    log(f"[evaluate] {cfg.split}: {len(es):,} users, batch {cfg.batch_size}, {actors} actor(s){sized}")
     with atomic_directory(out, overwrite=True) as tmp:
         recs = _recommend_users(_user_rows(es), run_dir, cfg, tmp, loader)
         seconds = {s: float(np.sum(recs.column(f"seconds_{s}").to_numpy()))

@@ -44,7 +44,8 @@ class EvaluateJobConfig:
     seed: Optional[int] = None  # override eval.seed
     explain: bool = False  # also generate the reasoning text when the condition does not need it
     batch_size: int = 32
-    actors: int = 1  # model replicas in the actor pool
+    # model replicas in the actor pool; null: sized from the cluster Ray reports (evaluation_actors)
+    actors: Optional[int] = None
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     # baselines computed beside DeftRec on the same users (all four by default; drop "sasrec" for speed),
@@ -67,8 +68,8 @@ class EvaluateJobConfig:
             raise ValueError("limit must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise ValueError("steps must be >= 1")
-        if self.batch_size < 1 or self.actors < 1:
-            raise ValueError("batch_size and actors must be >= 1")
+        if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
+            raise ValueError("batch_size and actors must be >= 1 (actors: null sizes the pool from the cluster)")
         if self.baseline_timeout_s is not None and not self.baseline_timeout_s > 0:
             raise ValueError(f"evaluate.baseline_timeout_s must be > 0 or null, got {self.baseline_timeout_s!r}")
 
