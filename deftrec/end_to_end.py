@@ -195,7 +195,8 @@ def _stage_resources(name: str, cfg: PipelineConfig) -> dict:
         e = cfg.evaluate
         actors = e.actors if e.actors is not None else "auto: the cluster's GPUs / gpus_per_actor, else CPUs - 1"
         return {"kind": "ray_data_actor_pool", "actors": actors, "cpus_per_actor": e.cpus_per_actor,
-                "gpus_per_actor": e.gpus_per_actor, "baselines_on": "driver", "sasrec_device": e.sasrec.device}
+                "gpus_per_actor": e.gpus_per_actor, "baselines": "one Ray task each (1 CPU; SASRec gpus_per_actor GPUs)",
+                "sasrec_device": e.sasrec.device}
     return {"kind": "driver"}
 
 
