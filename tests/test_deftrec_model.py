@@ -332,7 +332,7 @@ def test_learns_beyond_popularity_and_ease(ray_session, tmp_path, cache):
                                     items=str(tmp_path / "synth" / "items.csv"), format="csv",
                                     output=str(tmp_path / "data")), log=lambda s: None)
     data = load_dataset(tmp_path / "data")
-    cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "train.max_steps=500", "train.valid_users=300",
+    cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "train.max_steps=300", "train.valid_users=300",
                                      "train.validate_every=100"])
     model, res = train_and_export(tmp_path, cfg)
     test = data.test
