@@ -24,7 +24,8 @@ from quality import run  # noqa: E402
 LEVERS: dict[str, list[str]] = {
     "diffusion": ["diffusion.noise=false"],  # the same model, the head's output is the query
     "x0_prediction": ["diffusion.prediction=eps"],
-    "normalised_space": ["diffusion.x0_norm=none"],
+    "lightgcn_scale": ["diffusion.x0_norm=std"],  # the std-normalised item space instead
+    "decoder_dropout": ["llm.dropout=0.0"],
     "catalog_ce": ["diffusion.lambda_ce=0.0"],
     "ce_on_generated": ["diffusion.ce_on=sampled"],  # CE on the noised-target estimate instead
     "negatives": ["diffusion.lambda_neg=0.0"],

@@ -3,7 +3,7 @@
     python benchmarks/quality.py --preset tiny                     # the embedded synthetic data: README command (1)
     python benchmarks/quality.py --preset small --data ../shared/data/lastfm --data ../shared/data/software
     python benchmarks/quality.py --preset small --data ../shared/data/software \\
-        --variant 'no x0 norm: diffusion.x0_norm=none' --variant 'DDIM 20: evaluate.steps=20'
+        --variant 'x0 std: diffusion.x0_norm=std' --variant 'DDIM 20: evaluate.steps=20'
 
 For each dataset (``--data``: a folder in the authors' format, as in ``../shared/data``; none: the
 preset's own data, the embedded synthetic log for ``tiny``) the preset's whole pipeline runs in
