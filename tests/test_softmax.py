@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import deftrec.model.deftrec as deftrec_module
 from deftrec.batch.sasrec import SASRec
 from deftrec.config.baselines import SASRecConfig
+from deftrec.config.components import DiffusionConfig
 from deftrec.model.deftrec import DeftRecTask
 from deftrec.model.softmax import draw_negatives, sampled_softmax_ce, uses_sampled_softmax
 from tests.test_levers import D_C, N_ITEMS, build, cache  # noqa: F401  (module fixtures)
@@ -68,3 +69,11 @@ def test_sasrec_learns_a_cycle_with_sampled_negatives():
     scores = model.score([np.arange(s, s + 6) % n for s in range(n)])
     hits = np.mean(scores.argmax(1) == (np.arange(n) + 6) % n)
     assert hits > 0.8, hits
+
+
+def test_the_defaults_keep_the_full_softmax_up_to_4096_items_and_sample_above():
+    """Every catalog here (at most 3,706 items) trains on the full softmax by default; a 20k catalog samples."""
+    for negatives in (DiffusionConfig().ce_negatives, SASRecConfig().negatives):
+        assert not uses_sampled_softmax(negatives, 4096)
+        assert uses_sampled_softmax(negatives, 20_000)
+    assert not uses_sampled_softmax(None, 1_000_000)

@@ -291,10 +291,10 @@ class DiffusionConfig:
             multiplies them by a learned gain exp(g), g starting at 0: the same logits at any
             item-space scale, the loss starts near log(n_items) and the gain learns the sharpness.
             Ranking is unchanged (one positive scale per batch).
-        ce_negatives: None (default) scores the whole catalog in that cross-entropy; a number S scores
-            the target against S items drawn uniformly per step instead, with the log Q correction
-            (sampled softmax, :mod:`deftrec.model.softmax`), whenever the catalog has more than S
-            items: training cost then follows S, not the catalog size.
+        ce_negatives: a number S (default 4096) scores the whole catalog in that cross-entropy up to S
+            items and, on a larger catalog, the target against S items drawn uniformly per step, with
+            the log Q correction (sampled softmax, :mod:`deftrec.model.softmax`): training cost then
+            follows S, not the catalog size. None: the whole catalog at any size.
         ce_on: which x0 estimate the cross-entropy scores: ``"sampled"`` (DiffuRec) the estimate from
             the training draw's noised target x_t at its random t (at small t it mostly copies x_t);
             ``"generated"`` the one-step generation from pure noise x_T at t = T-1, which is exactly
@@ -339,7 +339,7 @@ class DiffusionConfig:
     lambda_ce: float = 0.0
     ce_temperature: float = 1.0
     ce_scale: Literal["raw", "normalised"] = "raw"
-    ce_negatives: int | None = None
+    ce_negatives: int | None = 4096
     ce_on: Literal["sampled", "generated"] = "sampled"
     cond_norm: bool = False
     noise: bool = True
