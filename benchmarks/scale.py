@@ -9,7 +9,8 @@ the data size changed (``data.synth.users``, ``data.synth.items``, ``data.synth.
 training capped at ``--max-steps`` steps, one stage at a time in its own process (which starts its own
 Ray): the stage's seconds come from the pipeline's summary, its peak memory from sampling the resident
 memory of that process tree (the driver, the raylet and every Ray worker) every 0.2 s: the largest
-single process and the whole tree. A stage that fails or refuses ends that size with its last error
+single process and the whole tree (the tree's sum counts shared object-store pages once per process
+that maps them, so it overstates). A stage that fails or refuses ends that size with its last error
 line. Then, for every two consecutive sizes, each stage's slope: log(seconds ratio) / log(rows ratio)
 (1: linear in the data).
 """
@@ -87,6 +88,8 @@ def run_stage(stage: str, overrides: list[str], run_dir: Path, log_path: Path) -
         sampler = MemorySampler(proc.pid)
         out, _ = proc.communicate()
         sampler.stop()
+    with open(log_path, "a") as err:  # Ray forwards the workers' progress lines to the driver's stdout
+        err.writelines(line + "\n" for line in out.splitlines() if not line.startswith("SUMMARY "))
     row = {"stage": stage, "wall_s": time.perf_counter() - t0, "largest_gib": sampler.largest / 2**30,
            "tree_gib": sampler.total / 2**30}
     summary = next((json.loads(line[8:]) for line in out.splitlines() if line.startswith("SUMMARY ")), None)
