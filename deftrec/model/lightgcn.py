@@ -21,6 +21,8 @@ negative sampling and early stopping are in :mod:`deftrec.training.lightgcn`.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -78,6 +80,22 @@ def build_norm_adj(users: np.ndarray, items: np.ndarray, n_users: int, n_items: 
     return adj.coalesce()
 
 
+class _SymmetricSpMM(torch.autograd.Function):
+    """``adj @ x`` for a symmetric sparse CSR ``adj``: the backward pass is ``adj @ grad`` again.
+
+    Autograd through a sparse product would transpose (and re-sort) the adjacency at every backward
+    pass; the normalised graph is its own transpose, so the gradient is one more CSR product."""
+
+    @staticmethod
+    def forward(ctx, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.adj = adj
+        return adj @ x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
+        return None, ctx.adj @ grad
+
+
 class LightGCN(nn.Module):
     """LightGCN over a fixed training graph.
 
@@ -110,6 +128,7 @@ class LightGCN(nn.Module):
         # not learned state, and is rebuilt from the interactions.
         self.register_buffer("adj_indices", adj.indices(), persistent=False)
         self.register_buffer("adj_values", adj.values(), persistent=False)
+        self._csr: torch.Tensor | None = None
 
     @property
     def adjacency(self) -> torch.Tensor:
@@ -120,13 +139,22 @@ class LightGCN(nn.Module):
             self.adj_indices, self.adj_values, (n, n), is_coalesced=True, check_invariants=False
         )
 
+    def _csr_adjacency(self) -> torch.Tensor:
+        """The adjacency in CSR layout on the buffers' device, built once per device."""
+        device = self.adj_values.device
+        if self._csr is None or self._csr.device != device:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": sparse @ dense is stable
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr = self.adjacency.to_sparse_csr()
+        return self._csr
+
     def propagate(self, ego: torch.Tensor) -> torch.Tensor:
         """mean_{l=0..L} A_hat^l ego for ego of shape [n_users + n_items, d]."""
-        adj = self.adjacency
+        adj = self._csr_adjacency()
         x = ego
         total = ego
         for _ in range(self.cfg.layers):  # L sparse matmuls; L is tiny
-            x = torch.sparse.mm(adj, x)
+            x = _SymmetricSpMM.apply(adj, x)
             total = total + x
         return total / (self.cfg.layers + 1)
 
