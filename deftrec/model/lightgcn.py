@@ -124,33 +124,28 @@ class LightGCN(nn.Module):
         nn.init.normal_(self.user_emb.weight, std=self.cfg.init_std, generator=g)
         nn.init.normal_(self.item_emb.weight, std=self.cfg.init_std, generator=g)
         adj = build_norm_adj(users, items, self.n_users, self.n_items)
-        # Dense index/value buffers follow .to(device); non-persistent because the graph is data,
-        # not learned state, and is rebuilt from the interactions.
-        self.register_buffer("adj_indices", adj.indices(), persistent=False)
-        self.register_buffer("adj_values", adj.values(), persistent=False)
-        self._csr: torch.Tensor | None = None
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": sparse @ dense is stable
+            warnings.simplefilter("ignore", UserWarning)
+            csr = adj.to_sparse_csr()
+        # The CSR arrays are buffers so they follow .to(device); non-persistent because the graph is
+        # data, not learned state, and is rebuilt from the interactions.
+        self.register_buffer("adj_crow", csr.crow_indices(), persistent=False)
+        self.register_buffer("adj_col", csr.col_indices(), persistent=False)
+        self.register_buffer("adj_values", csr.values(), persistent=False)
 
     @property
     def adjacency(self) -> torch.Tensor:
-        """The normalised adjacency as a sparse tensor on the module's device."""
+        """The normalised adjacency as a sparse CSR tensor on the module's device (a view of the buffers)."""
         n = self.n_users + self.n_items
-        # Built by build_norm_adj (coalesced, in range): skip the per-call invariant check.
-        return torch.sparse_coo_tensor(
-            self.adj_indices, self.adj_values, (n, n), is_coalesced=True, check_invariants=False
-        )
-
-    def _csr_adjacency(self) -> torch.Tensor:
-        """The adjacency in CSR layout on the buffers' device, built once per device."""
-        device = self.adj_values.device
-        if self._csr is None or self._csr.device != device:
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": sparse @ dense is stable
-                warnings.simplefilter("ignore", UserWarning)
-                self._csr = self.adjacency.to_sparse_csr()
-        return self._csr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            # Built by build_norm_adj (sorted, in range): skip the per-call invariant check.
+            return torch.sparse_csr_tensor(self.adj_crow, self.adj_col, self.adj_values, (n, n),
+                                           check_invariants=False)
 
     def propagate(self, ego: torch.Tensor) -> torch.Tensor:
         """mean_{l=0..L} A_hat^l ego for ego of shape [n_users + n_items, d]."""
-        adj = self._csr_adjacency()
+        adj = self.adjacency
         x = ego
         total = ego
         for _ in range(self.cfg.layers):  # L sparse matmuls; L is tiny
