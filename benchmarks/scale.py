@@ -88,11 +88,12 @@ def run_stage(stage: str, overrides: list[str], run_dir: Path, log_path: Path) -
         sampler = MemorySampler(proc.pid)
         out, _ = proc.communicate()
         sampler.stop()
+    lines = out.splitlines()
     with open(log_path, "a") as err:  # Ray forwards the workers' progress lines to the driver's stdout
-        err.writelines(line + "\n" for line in out.splitlines() if not line.startswith("SUMMARY "))
+        err.writelines(line + "\n" for line in lines if not line.startswith("SUMMARY "))
     row = {"stage": stage, "wall_s": time.perf_counter() - t0, "largest_gib": sampler.largest / 2**30,
            "tree_gib": sampler.total / 2**30}
-    summary = next((json.loads(line[8:]) for line in out.splitlines() if line.startswith("SUMMARY ")), None)
+    summary = next((json.loads(line[8:]) for line in lines if line.startswith("SUMMARY ")), None)
     if proc.returncode != 0 or summary is None:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
         row["error"] = f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}"

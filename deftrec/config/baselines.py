@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deftrec.config.components import DEFAULT_SOFTMAX_NEGATIVES
 from deftrec.core.config import _nonneg_float, _pos_int
 
 __all__ = ["SASRecConfig"]
@@ -28,7 +29,7 @@ class SASRecConfig:
     heads: int = 1  # attention heads; must divide dim
     max_len: int = 200  # items of history the model reads (and trains on per user, + 1 target)
     dropout: float = 0.2  # on embeddings, attention weights, feed-forward and residual branches
-    negatives: int | None = 4096  # full softmax up to this many items, this many sampled negatives (log Q) above; None: always full
+    negatives: int | None = DEFAULT_SOFTMAX_NEGATIVES  # full softmax up to this many items, sampled above; None: always full
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     batch_size: int = 128  # users (sequences) per optimiser step

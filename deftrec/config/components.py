@@ -24,6 +24,10 @@ from typing import Literal
 
 from deftrec.core.config import _nonneg_float, _pos_int
 
+#: sampled negatives by default, for DeftRec's catalog cross-entropy and SASRec alike: catalogs up to
+#: this many items keep the full softmax
+DEFAULT_SOFTMAX_NEGATIVES = 4096
+
 # Distribution name -> GGUF file it ships. The distribution is located through its metadata only: it is
 # installed with --no-deps and importing it would pull in the `llm` CLI it was written for.
 WHEEL_SOURCES: dict[str, dict[str, str]] = {
@@ -339,7 +343,7 @@ class DiffusionConfig:
     lambda_ce: float = 0.0
     ce_temperature: float = 1.0
     ce_scale: Literal["raw", "normalised"] = "raw"
-    ce_negatives: int | None = 4096
+    ce_negatives: int | None = DEFAULT_SOFTMAX_NEGATIVES
     ce_on: Literal["sampled", "generated"] = "sampled"
     cond_norm: bool = False
     noise: bool = True
