@@ -3,16 +3,19 @@
     python benchmarks/scale.py                                   # 10k and 100k users
     python benchmarks/scale.py --size 10000:2000 --size 100000:20000 --size 1000000:100000
     python benchmarks/scale.py --size 2000:400 --max-steps 20    # a quick look
+    python benchmarks/scale.py --size 1000000:100000 --set collab.epochs=3 --merge   # beside earlier sizes
 
 Each ``--size USERS:ITEMS`` runs README command (1)'s preset (``pipelines/configs/tiny.yaml``) with only
-the data size changed (``data.synth.users``, ``data.synth.items``, ``data.synth.mean_length``) and
-training capped at ``--max-steps`` steps, one stage at a time in its own process (which starts its own
+the data size changed (``data.synth.users``, ``data.synth.items``, ``data.synth.mean_length``),
+training capped at ``--max-steps`` steps and any ``--set KEY=VALUE`` overrides (recorded per size), one stage at a time in its own process (which starts its own
 Ray): the stage's seconds come from the pipeline's summary, its peak memory from sampling the resident
 memory of that process tree (the driver, the raylet and every Ray worker) every 0.2 s: the largest
 single process and the whole tree (the tree's sum counts shared object-store pages once per process
 that maps them, so it overstates). A stage that fails or refuses ends that size with its last error
 line. Then, for every two consecutive sizes, each stage's slope: log(seconds ratio) / log(rows ratio)
-(1: linear in the data).
+(1: linear in the data); LightGCN's slope is per epoch, since early stopping (or ``collab.epochs``)
+sets how many it runs. ``--merge`` keeps the sizes an earlier run recorded in ``WORK/scale.json``
+beside the new ones, in the tables and the slopes.
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ def run_stage(stage: str, overrides: list[str], run_dir: Path, log_path: Path) -
     row["seconds"] = summary["stages"][stage]["seconds"]
     if stage == "synth":
         row["rows"] = summary["stages"]["synth"].get("rows")
+    if stage == "collab":
+        row["epochs"] = json.loads((run_dir / "collab" / "manifest.json").read_text())["epochs_run"]
     if stage == "evaluate":
         m = summary["metrics"]
         row["models"] = sorted(m["results"])
@@ -108,11 +113,12 @@ def run_stage(stage: str, overrides: list[str], run_dir: Path, log_path: Path) -
     return row
 
 
-def run_size(users: int, items: int, mean_length: int, max_steps: int, work: Path) -> list[dict]:
+def run_size(users: int, items: int, mean_length: int, max_steps: int, work: Path,
+             extra: list[str]) -> list[dict]:
     run_dir = work / f"u{users}_i{items}"
     overrides = [f"data.synth.users={users}", f"data.synth.items={items}", f"data.synth.mean_length={mean_length}",
-                 f"train.max_steps={max_steps}"]
-    rows = []
+                 f"train.max_steps={max_steps}", *extra]
+    rows = [{"stage": "overrides", "overrides": overrides}]
     for stage in STAGES:
         print(f"[scale] {users:,} users / {items:,} items: {stage} ...", flush=True)
         row = run_stage(stage, overrides, run_dir, work / f"u{users}_i{items}.log")
@@ -127,6 +133,10 @@ def print_tables(results: dict[tuple[int, int], list[dict]]) -> None:
     print("\n| users | items | rows | stage | seconds | rows/s | largest process GiB | process tree GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for (users, items), rows in results.items():
+        extra = next((r["overrides"][4:] for r in rows if r["stage"] == "overrides"), [])
+        if extra:
+            print(f"| {users:,} | {items:,} |  | overrides: {' '.join(extra)} |  |  |  |  |")
+        rows = [r for r in rows if r["stage"] in STAGES]
         n_rows = next((r.get("rows") for r in rows if r["stage"] == "synth"), None)
         for r in rows:
             if "error" in r:
@@ -134,7 +144,8 @@ def print_tables(results: dict[tuple[int, int], list[dict]]) -> None:
                       f"{r['largest_gib']:.2f} | {r['tree_gib']:.2f} |")
                 continue
             rate = f"{n_rows / r['seconds']:,.0f}" if n_rows and r["seconds"] else "-"
-            print(f"| {users:,} | {items:,} | {n_rows:,} | {r['stage']} | {r['seconds']:.1f} | {rate} | "
+            stage = f"collab ({r['epochs']} epochs)" if "epochs" in r else r["stage"]
+            print(f"| {users:,} | {items:,} | {n_rows:,} | {stage} | {r['seconds']:.1f} | {rate} | "
                   f"{r['largest_gib']:.2f} | {r['tree_gib']:.2f} |")
         evaluate = next((r for r in rows if r["stage"] == "evaluate" and "models" in r), None)
         if evaluate is not None:
@@ -152,6 +163,8 @@ def print_tables(results: dict[tuple[int, int], list[dict]]) -> None:
         cells = []
         for stage in STAGES:
             sa, sb = ra.get(stage, {}).get("seconds"), rb.get(stage, {}).get("seconds")
+            if stage == "collab" and sa and sb:  # per epoch
+                sa, sb = sa / ra[stage].get("epochs", 1), sb / rb[stage].get("epochs", 1)
             ok = sa and sb and rows_a and rows_b and rows_b != rows_a
             cells.append(f"{math.log(sb / sa) / math.log(rows_b / rows_a):.2f}" if ok else "-")
         print(f"| {a[0]:,} | {b[0]:,} | " + " | ".join(cells) + " |")
@@ -169,11 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=parse_size, action="append", default=[], metavar="USERS:ITEMS")
     p.add_argument("--mean-length", type=int, default=20, help="mean interactions per user")
     p.add_argument("--max-steps", type=int, default=200, help="training steps (train.max_steps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every size")
     p.add_argument("--work", type=Path, default=Path("/tmp/deftrec-scale"))
+    p.add_argument("--merge", action="store_true", help="keep the other sizes recorded in WORK/scale.json")
     a = p.parse_args(argv)
     sizes = a.size or [(10_000, 2_000), (100_000, 20_000)]
     a.work.mkdir(parents=True, exist_ok=True)
-    results = {(u, i): run_size(u, i, a.mean_length, a.max_steps, a.work) for u, i in sizes}
+    results = {}
+    if a.merge and (a.work / "scale.json").is_file():
+        earlier = json.loads((a.work / "scale.json").read_text())
+        results = {parse_size(key): rows for key, rows in earlier.items() if parse_size(key) not in sizes}
+        for (u, i), rows in results.items():  # records from before the epoch count was kept
+            manifest = a.work / f"u{u}_i{i}" / "collab" / "manifest.json"
+            for r in rows:
+                if r["stage"] == "collab" and "epochs" not in r and manifest.is_file():
+                    r["epochs"] = json.loads(manifest.read_text())["epochs_run"]
+    for u, i in sizes:
+        results[(u, i)] = run_size(u, i, a.mean_length, a.max_steps, a.work, a.set)
+    results = dict(sorted(results.items()))
     print_tables(results)
     (a.work / "scale.json").write_text(json.dumps({f"{u}:{i}": r for (u, i), r in results.items()}, indent=1))
     return 0

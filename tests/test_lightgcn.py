@@ -331,6 +331,30 @@ def test_validation_excludes_the_whole_history_not_only_the_prompt_window():
     assert hit_rate_at_k(U, E, v.users, v.exclusions, v.targets) == pytest.approx(whole)
 
 
+def test_validation_scores_a_fixed_subset_of_collab_valid_users(monkeypatch):
+    """collab.valid_users bounds a validation's users x items scoring: LightGCN validates on that many
+    seeded users, the same subset in every run, and keeps the embeddings best on them."""
+    import deftrec.training.lightgcn as lightgcn
+
+    seen = []
+
+    def recording(*args, valid=None, **kwargs):
+        seen.append(valid[0].copy())
+        return train(*args, valid=valid, **kwargs)
+
+    train = lightgcn.train_lightgcn
+    monkeypatch.setattr(lightgcn, "train_lightgcn", recording)
+    data = _long_histories(n_users=24)
+    cfg = DeftRecConfig(collab=LightGCNConfig(dim=8, epochs=2, eval_every=1, batch_size=64, seed=0, valid_users=5))
+    U, E, hist = fit_collab(cfg, data, log=None)
+    fit_collab(cfg, data, log=None)
+    v = data.valid.sample(5, 0)
+    assert [len(u) for u in seen] == [5, 5] and np.array_equal(seen[0], seen[1]) and np.array_equal(seen[0], v.users)
+    assert max(h["hr@10"] for h in hist) == pytest.approx(hit_rate_at_k(U, E, v.users, v.exclusions, v.targets))
+    with pytest.raises(ValueError, match="valid_users"):
+        LightGCNConfig(valid_users=0)
+
+
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)

@@ -147,6 +147,8 @@ class LightGCNConfig:
     epochs: int = 50  # maximum number of passes over the training pairs
     seed: int = 42  # initialisation, shuffling and negative sampling
     eval_every: int = 5  # validate every this many epochs (and after the last)
+    # a fixed, seeded subset of the validation users (null: all): a validation scores users x items
+    valid_users: int | None = 10_000
     patience: int | None = None  # stop after this many evaluations without HR@10 gain
     init_std: float = 0.1  # std of the normal initialisation of the ego embeddings
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
@@ -155,6 +157,7 @@ class LightGCNConfig:
         for name in ("dim", "batch_size", "epochs", "eval_every"):
             _pos_int("LightGCNConfig", name, getattr(self, name))
         _pos_int("LightGCNConfig", "max_steps_per_epoch", self.max_steps_per_epoch, allow_none=True)
+        _pos_int("LightGCNConfig", "valid_users", self.valid_users, allow_none=True)
         if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 0:
             raise ValueError(f"LightGCNConfig.layers must be an int >= 0, got {self.layers!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):

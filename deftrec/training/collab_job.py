@@ -84,7 +84,7 @@ def fit_collab(cfg: DeftRecConfig, data: PreprocessedData, log: Log | None = pri
     from deftrec.training.lightgcn import train_lightgcn
 
     users, items = training_pairs(data)
-    v = data.valid
+    v = data.valid.sample(cfg.collab.valid_users, cfg.collab.seed)
     return train_lightgcn(users, items, data.n_users, data.n_items, cfg.collab,
                           valid=(v.users, v.exclusions, v.targets), log=log)
 
@@ -120,7 +120,7 @@ def train_collab_distributed(
     out_dir = Path(out_dir)
     data = load_dataset(data_dir)
     users, items = training_pairs(data)
-    v = data.valid
+    v = data.valid.sample(cfg.valid_users, cfg.seed)
     storage = storage_path or default_storage(dist, out_dir.parent)
     # dist.name is shared with the training job, which must not resume this run: suffix it.
     name = f"{dist.name}-collab" if dist.name else run_name
@@ -129,7 +129,7 @@ def train_collab_distributed(
                              valid=(v.users, v.exclusions, v.targets), threads=dist.threads, use_gpu=dist.use_gpu)
     trainer = torch_trainer(_collab_worker, {"context": ray.put(context)}, dist, name=name, storage=storage)
     say(f"[collab] LightGCN on {dist.num_workers} worker(s): {users.size:,} training interactions, "
-        f"{data.n_users:,} users, {data.n_items:,} items")
+        f"{data.n_users:,} users, {data.n_items:,} items; validation on {len(v.users):,} users")
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"the collab run {storage}/{name} finished without embeddings")
