@@ -30,6 +30,15 @@ def ray_session():
     yield ray
 
 
+@pytest.fixture
+def no_console_setup(monkeypatch):
+    """The entry points' console set-up (stdout/stderr tees, a handler on Ray's logger, environment
+    variables) would outlive an in-process call; it is not what the tests calling ``main`` pin down."""
+    import pipelines._cli
+
+    monkeypatch.setattr(pipelines._cli, "configure_console", lambda **kwargs: None)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

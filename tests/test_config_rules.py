@@ -281,15 +281,6 @@ class _Captured(Exception):
     pass
 
 
-@pytest.fixture
-def no_console_setup(monkeypatch):
-    """The entry points' console set-up (stdout/stderr tees, a handler on Ray's logger, environment
-    variables) would outlive an in-process call; it is not what these tests pin down."""
-    import pipelines._cli
-
-    monkeypatch.setattr(pipelines._cli, "configure_console", lambda **kwargs: None)
-
-
 def test_evaluate_flags_left_out_keep_the_recorded_values(tmp_path, monkeypatch, no_console_setup):
     """pipelines.evaluate: a flag given overrides its evaluate.* field, a flag left out keeps the
     recorded config's value (the old flag defaults, split=test and batch_size=32, no longer win)."""

@@ -46,7 +46,7 @@ def test_working_dir_stays_under_the_upload_limit():
 
 
 @pytest.mark.slow
-def test_end_to_end_through_ray_job_submit(tmp_path):
+def test_end_to_end_through_ray_job_submit(tmp_path, capsys, no_console_setup):
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = dict(os.environ, RAY_AUTH_MODE="disabled",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -70,7 +70,7 @@ def test_end_to_end_through_ray_job_submit(tmp_path):
                "python", "-m", "pipelines.end_to_end", "--config", "pipelines/configs/tiny.yaml",
                "--run-dir", str(run_dir),
                # toy size: the point is the job path, not the quality
-               "--set", "data.synth.users=250", "--set", "data.synth.items=80", "--set", "collab.epochs=3",
+               "--set", "data.synth.users=250", "--set", "data.synth.items=80", "--set", "collab.epochs=1",
                "--set", "train.max_steps=12", "--set", "train.warmup_steps=2", "--set", "train.validate_every=12",
                "--set", "train.valid_users=50", "--set", "distributed.num_workers=1",
                "--set", "evaluate.limit=60", "--set", "evaluate.baselines=[popularity,markov,ease]"]
@@ -91,18 +91,23 @@ def test_end_to_end_through_ray_job_submit(tmp_path):
         # resubmitting finds every stage up to date
         again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0 and (again.stdout + again.stderr).count("skipped (up to date)") == 6
-        # the standalone stages read the config recorded in the run: they reproduce the run and skip
+        # the standalone stages (their `main`, in this process) read the config recorded in the run:
+        # they reproduce the run and skip
+        import pipelines.end_to_end
+        import pipelines.evaluate
+        import pipelines.index
+
         before = (run_dir / "eval" / "metrics.json").read_bytes()
-        for stage in ("index", "evaluate"):
-            alone = subprocess.run([sys.executable, "-m", f"pipelines.{stage}", "--run-dir", str(run_dir)], cwd=REPO,
-                                   env=env, capture_output=True, text=True, timeout=600)
-            assert alone.returncode == 0 and "is up to date" in alone.stdout + alone.stderr, alone.stderr[-3000:]
+        capsys.readouterr()
+        for stage in (pipelines.index, pipelines.evaluate):
+            assert stage.main(["--run-dir", str(run_dir)]) == 0
+            out = capsys.readouterr()
+            assert "is up to date" in out.out + out.err, (stage.__name__, out)
         assert (run_dir / "eval" / "metrics.json").read_bytes() == before
         # and the dry-run plan of the same command finds nothing to do
-        plan = subprocess.run([sys.executable, "-m", "pipelines.end_to_end", *cmd[cmd.index("--config"):],
-                               "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert plan.returncode == 0, plan.stderr[-3000:]
-        assert {s["action"] for s in json.loads(plan.stdout)["stages"].values()} == {"skip"}
+        assert pipelines.end_to_end.main([*cmd[cmd.index("--config"):], "--dry-run"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert {s["action"] for s in plan["stages"].values()} == {"skip"}
     finally:
         _stop_head(temp, port)
 

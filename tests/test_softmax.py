@@ -12,13 +12,15 @@ from deftrec.batch.sasrec import SASRec
 from deftrec.config.baselines import SASRecConfig
 from deftrec.config.components import DiffusionConfig
 from deftrec.model.deftrec import DeftRecTask
-from deftrec.model.softmax import draw_negatives, sampled_softmax_ce, uses_sampled_softmax
+from deftrec.model.softmax import draw_negatives, mixed_sampling_probs, sampled_softmax_ce, uses_sampled_softmax
 from tests.test_levers import D_C, N_ITEMS, build, cache  # noqa: F401  (module fixtures)
 
 
-def every_item_once(n_items, negatives, device, generator=None):
-    """Negatives that are the whole catalog, each drawn once: Q = 1 for every item."""
-    return torch.arange(n_items, device=device), torch.zeros(n_items, device=device)
+def every_item_once(n_items, negatives, device, generator=None, probs=None):
+    """Negatives that are the whole catalog, each drawn once: Q = 1 for every item (uniform draws), or
+    Q = S p(item) for draws from ``probs``."""
+    log_q = torch.zeros(n_items) if probs is None else torch.log(negatives * probs)
+    return torch.arange(n_items, device=device), log_q.to(device)
 
 
 def test_sampled_softmax_with_every_item_as_negative_equals_the_full_softmax():
@@ -46,6 +48,42 @@ def test_uniform_draws_and_their_correction():
     torch.testing.assert_close(loss, torch.tensor(float(np.log(2.0))))
 
 
+def test_mixed_draws_follow_the_counts_and_carry_their_own_correction():
+    """Half the mass in proportion to the counts, half uniform (every item keeps a share); the draws
+    follow those probabilities and each carries log(S p(item))."""
+    counts = torch.tensor([0.0, 1.0, 1.0, 2.0, 96.0])
+    probs = mixed_sampling_probs(counts)
+    torch.testing.assert_close(probs, 0.5 / 5 + 0.5 * counts / 100)
+    assert float(probs.sum()) == pytest.approx(1.0) and float(probs.min()) == pytest.approx(0.1)
+    ids, log_q = draw_negatives(5, 200_000, "cpu", torch.Generator().manual_seed(0), probs=probs)
+    freq = torch.bincount(ids, minlength=5).double() / ids.numel()
+    torch.testing.assert_close(freq, probs.double(), atol=5e-3, rtol=0)
+    torch.testing.assert_close(log_q, torch.log(200_000 * probs[ids]))
+    with pytest.raises(ValueError, match="ce_negative_sampler"):
+        DiffusionConfig(ce_negative_sampler="popular")
+    with pytest.raises(ValueError, match="negative_sampler"):
+        SASRecConfig(negative_sampler="popular")
+
+
+def test_deftrec_mixed_sampler_corrects_the_target_and_the_negatives_by_their_own_q(build, monkeypatch):
+    """With every item drawn once from the mixed distribution, the sampled cross-entropy is the full
+    softmax over the scores less log(S p(item)) for every item, the target's own included; the task
+    refuses the mixed sampler without the training counts."""
+    overrides = ("diffusion.lambda_ce=1.0", "eval.score=ip", f"diffusion.ce_negatives={N_ITEMS - 1}",
+                 "diffusion.ce_negative_sampler=mixed")
+    counts = torch.arange(N_ITEMS, dtype=torch.float32)
+    task = DeftRecTask(build(*overrides), item_counts=counts)
+    with pytest.raises(ValueError, match="training counts"):
+        DeftRecTask(build(*overrides))
+    monkeypatch.setattr(deftrec_module, "draw_negatives", every_item_once)
+    g = torch.Generator().manual_seed(0)
+    q, table = torch.randn(64, D_C, generator=g), torch.randn(N_ITEMS, D_C, generator=g)
+    targets = torch.randint(0, N_ITEMS, (64,), generator=g)
+    corrected = q @ table.T - torch.log((N_ITEMS - 1) * mixed_sampling_probs(counts))[None, :]
+    torch.testing.assert_close(task.catalog_ce(q, table, targets), F.cross_entropy(corrected, targets))
+    assert "ce_neg_probs" not in task.state_dict()  # derived from the data, never saved
+
+
 @pytest.mark.parametrize("score", ["l2", "ip"])
 @pytest.mark.parametrize("scale", ["raw", "normalised"])
 def test_deftrec_catalog_ce_sampled_over_the_whole_catalog_equals_the_full_one(build, monkeypatch, score, scale):
@@ -59,13 +97,15 @@ def test_deftrec_catalog_ce_sampled_over_the_whole_catalog_equals_the_full_one(b
     torch.testing.assert_close(sampled.catalog_ce(q, table, targets), full.catalog_ce(q, table, targets))
 
 
-def test_sasrec_learns_a_cycle_with_sampled_negatives():
+@pytest.mark.parametrize("sampler", ["uniform", "mixed"])
+def test_sasrec_learns_a_cycle_with_sampled_negatives(sampler):
     """Sequences that walk a cycle of 40 items: with 8 sampled negatives per step SASRec still learns
     the next item."""
     n = 40
     seqs = [np.arange(s, s + 12) % n for s in range(n)] * 4
-    model = SASRec(SASRecConfig(dim=16, blocks=1, max_len=12, negatives=8, max_epochs=30, patience=30,
-                                batch_size=32, lr=5e-3, dropout=0.0, threads=1)).fit(seqs, n)
+    model = SASRec(SASRecConfig(dim=16, blocks=1, max_len=12, negatives=8, negative_sampler=sampler, max_epochs=30,
+                                patience=30, batch_size=32, lr=5e-3, dropout=0.0, threads=1)).fit(seqs, n)
+    assert (model._neg_probs is None) == (sampler == "uniform")
     scores = model.score([np.arange(s, s + 6) % n for s in range(n)])
     hits = np.mean(scores.argmax(1) == (np.arange(n) + 6) % n)
     assert hits > 0.8, hits

@@ -46,7 +46,7 @@ from torch import nn
 
 from deftrec.batch.baselines import _check_n_items
 from deftrec.config.baselines import SASRecConfig
-from deftrec.model.softmax import draw_negatives, sampled_softmax_ce, uses_sampled_softmax
+from deftrec.model.softmax import draw_negatives, mixed_sampling_probs, sampled_softmax_ce, uses_sampled_softmax
 from deftrec.retrieval.metrics import _flatten_histories, evaluate_in_chunks
 
 __all__ = ["SASRecNet", "SASRec"]
@@ -172,6 +172,7 @@ class SASRec:
         self.model_: SASRecNet | None = None
         self.n_items_: int | None = None
         self.history_: list[dict[str, float]] = []
+        self._neg_probs: torch.Tensor | None = None  # sampled negatives' draw probabilities (None: uniform)
         self.best_epoch_ = 0
         self.best_ndcg_ = float("nan")
         self.epochs_ = 0
@@ -200,6 +201,10 @@ class SASRec:
             model = SASRecNet(n, cfg).to(device)
             self.model_, self.n_items_ = model, n
             self.history_ = []
+            self._neg_probs = None
+            if cfg.negative_sampler == "mixed" and uses_sampled_softmax(cfg.negatives, n):
+                counts = np.bincount(np.concatenate(train), minlength=n) if train else np.zeros(n)
+                self._neg_probs = mixed_sampling_probs(torch.from_numpy(counts)).to(device)
             self._train(model, _left_padded(train, cfg.max_len + 1), valid_hist, valid_targets)
         return self
 
@@ -216,9 +221,12 @@ class SASRec:
         n_items = model.item.num_embeddings - 1
         if not uses_sampled_softmax(self.cfg.negatives, n_items):
             return F.cross_entropy(model.logits(h), targets)
-        neg_ids, neg_log_q = draw_negatives(n_items, self.cfg.negatives, h.device)
+        probs = self._neg_probs
+        neg_ids, neg_log_q = draw_negatives(n_items, self.cfg.negatives, h.device, probs=probs)
+        pos_log_q = None if probs is None else torch.log(self.cfg.negatives * probs[targets])
         items = model.item.weight[1:]
-        return sampled_softmax_ce((h * items[targets]).sum(1), h @ items[neg_ids].T, targets, neg_ids, neg_log_q)
+        return sampled_softmax_ce((h * items[targets]).sum(1), h @ items[neg_ids].T, targets, neg_ids, neg_log_q,
+                                  pos_log_q)
 
     def _epoch(self, model: SASRecNet, opt: torch.optim.Optimizer, mat: np.ndarray,
                rng: np.random.Generator, deadline: float) -> tuple[float, bool]:

@@ -27,6 +27,8 @@ from deftrec.core.config import _nonneg_float, _pos_int
 #: sampled negatives by default, for DeftRec's catalog cross-entropy and SASRec alike: catalogs up to
 #: this many items keep the full softmax
 DEFAULT_SOFTMAX_NEGATIVES = 4096
+#: how the sampled negatives are drawn: uniformly, or half in proportion to the items' training counts
+NEGATIVE_SAMPLERS = ("uniform", "mixed")
 
 # Distribution name -> GGUF file it ships. The distribution is located through its metadata only: it is
 # installed with --no-deps and importing it would pull in the `llm` CLI it was written for.
@@ -302,6 +304,9 @@ class DiffusionConfig:
             items and, on a larger catalog, the target against S items drawn uniformly per step, with
             the log Q correction (sampled softmax, :mod:`deftrec.model.softmax`): training cost then
             follows S, not the catalog size. None: the whole catalog at any size.
+        ce_negative_sampler: how those S items are drawn: ``"uniform"``, or ``"mixed"``: half in
+            proportion to the items' training counts (the popular items uniform draws rarely meet),
+            half uniformly, each logit corrected by its own log Q.
         ce_on: which x0 estimate the cross-entropy scores: ``"sampled"`` (DiffuRec) the estimate from
             the training draw's noised target x_t at its random t (at small t it mostly copies x_t);
             ``"generated"`` the one-step generation from pure noise x_T at t = T-1, which is exactly
@@ -347,6 +352,7 @@ class DiffusionConfig:
     ce_temperature: float = 1.0
     ce_scale: Literal["raw", "normalised"] = "raw"
     ce_negatives: int | None = DEFAULT_SOFTMAX_NEGATIVES
+    ce_negative_sampler: str = "uniform"
     ce_on: Literal["sampled", "generated"] = "sampled"
     cond_norm: bool = False
     noise: bool = True
@@ -390,6 +396,9 @@ class DiffusionConfig:
             raise ValueError("diffusion.ce_temperature must be > 0")
         if not isinstance(self.cond_norm, bool):
             raise ValueError(f"diffusion.cond_norm must be true or false, got {self.cond_norm!r}")
+        if self.ce_negative_sampler not in NEGATIVE_SAMPLERS:
+            raise ValueError(f"diffusion.ce_negative_sampler must be one of {NEGATIVE_SAMPLERS}, "
+                             f"got {self.ce_negative_sampler!r}")
         if self.ce_scale not in ("raw", "normalised"):
             raise ValueError(f"diffusion.ce_scale must be 'raw' or 'normalised', got {self.ce_scale!r}")
         _pos_int("diffusion", "ce_negatives", self.ce_negatives, allow_none=True)

@@ -52,7 +52,7 @@ from deftrec.config.model import DeftRecConfig
 from deftrec.data.samples import ItemCatalog
 from deftrec.model.diffusion import DiffusionHead
 from deftrec.model.keyed_noise import keyed_normal
-from deftrec.model.softmax import draw_negatives, sampled_softmax_ce, uses_sampled_softmax
+from deftrec.model.softmax import draw_negatives, mixed_sampling_probs, sampled_softmax_ce, uses_sampled_softmax
 from deftrec.model.prompts import (
     IGNORE_INDEX,
     build_generation_batch,
@@ -360,12 +360,19 @@ class DeftRecTask(nn.Module):
     the LM head is skipped entirely (only possible with the ``prompt_state`` condition).
     """
 
-    def __init__(self, model: DeftRec, lambda_lm: float | None = None) -> None:
+    def __init__(self, model: DeftRec, lambda_lm: float | None = None, item_counts: Tensor | None = None) -> None:
         super().__init__()
         self.model = model
         self.lambda_lm = float(model.cfg.train.lambda_lm if lambda_lm is None else lambda_lm)
         if self.lambda_lm < 0:
             raise ValueError(f"lambda_lm must be >= 0, got {self.lambda_lm}")
+        # the sampled cross-entropy's draw probabilities (diffusion.ce_negative_sampler "mixed"); not saved
+        probs = None
+        if model.cfg.diffusion.ce_negative_sampler == "mixed":
+            if item_counts is None:
+                raise ValueError("diffusion.ce_negative_sampler=mixed needs the items' training counts")
+            probs = mixed_sampling_probs(torch.as_tensor(item_counts))
+        self.register_buffer("ce_neg_probs", probs, persistent=False)
 
     def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Returns {"lm", "pos", "neg", "ce", "total"} (scalars; only "total" needs backward)."""
@@ -427,9 +434,11 @@ class DeftRecTask(nn.Module):
             if l2:
                 scores = 2.0 * scores - keys.pow(2).sum(1)[None, :]
             return F.cross_entropy(scores * factor, targets)
-        neg_ids, neg_log_q = draw_negatives(keys.shape[0], cfg.ce_negatives, q.device, generator)
+        probs = None if self.ce_neg_probs is None else self.ce_neg_probs.float()
+        neg_ids, neg_log_q = draw_negatives(keys.shape[0], cfg.ce_negatives, q.device, generator, probs)
+        pos_log_q = None if probs is None else torch.log(cfg.ce_negatives * probs[targets])
         pos_keys, neg_keys = keys[targets], keys[neg_ids]
         pos, neg = (q * pos_keys).sum(1), q @ neg_keys.T
         if l2:
             pos, neg = 2.0 * pos - pos_keys.pow(2).sum(1), 2.0 * neg - neg_keys.pow(2).sum(1)[None, :]
-        return sampled_softmax_ce(pos * factor, neg * factor, targets, neg_ids, neg_log_q)
+        return sampled_softmax_ce(pos * factor, neg * factor, targets, neg_ids, neg_log_q, pos_log_q)

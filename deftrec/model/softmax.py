@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["draw_negatives", "sampled_softmax_ce", "uses_sampled_softmax"]
+__all__ = ["draw_negatives", "mixed_sampling_probs", "sampled_softmax_ce", "uses_sampled_softmax"]
 
 
 def uses_sampled_softmax(negatives: int | None, n_items: int) -> bool:
@@ -25,12 +25,24 @@ def uses_sampled_softmax(negatives: int | None, n_items: int) -> bool:
 
 
 def draw_negatives(n_items: int, negatives: int, device: torch.device | str,
-                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """``negatives`` item ids drawn uniformly with replacement [S] and their log Q [S], Q = S / n_items
-    (the expected number of times each item is drawn)."""
-    ids = torch.randint(n_items, (negatives,), device=device, generator=generator)
-    log_q = torch.full((negatives,), math.log(negatives / n_items), device=device)
-    return ids, log_q
+                   generator: torch.Generator | None = None, probs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``negatives`` item ids drawn with replacement [S] and their log Q [S], Q = S p(item) the expected
+    number of times each is drawn: uniformly (p = 1 / n_items), or from ``probs`` [n_items]."""
+    if probs is None:
+        ids = torch.randint(n_items, (negatives,), device=device, generator=generator)
+        return ids, torch.full((negatives,), math.log(negatives / n_items), device=device)
+    ids = torch.multinomial(probs, negatives, replacement=True, generator=generator)
+    return ids, torch.log(negatives * probs[ids])
+
+
+def mixed_sampling_probs(counts: Tensor, popular_share: float = 0.5) -> Tensor:
+    """Draw probabilities [n_items]: ``popular_share`` in proportion to ``counts`` (popular items, the
+    hard negatives uniform draws rarely meet), the rest uniform, so every item keeps a share."""
+    counts = counts.double()
+    n = counts.numel()
+    total = float(counts.sum())
+    popular = counts / total if total > 0 else torch.full_like(counts, 1.0 / n)
+    return ((1 - popular_share) / n + popular_share * popular).float()
 
 
 def sampled_softmax_ce(pos_logits: Tensor, neg_logits: Tensor, targets: Tensor, neg_ids: Tensor,

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from deftrec.config.model import DeftRecConfig
 
 if TYPE_CHECKING:
+    import numpy as np
 
     from deftrec.artifacts.collab import CollabArtifact
     from deftrec.data.samples import ItemCatalog
@@ -106,6 +107,15 @@ def train_fingerprint(cfg: DeftRecConfig, dist: DistributedConfig, data_dir: str
     from deftrec.core.config import to_dict
 
     return stage_fingerprint({"model": to_dict(cfg), "distributed": to_dict(dist)}, run_inputs(data_dir, collab_dir))
+
+
+def _item_counts(data) -> "np.ndarray":
+    """Each item's count in the training sequences s[:-2] (what the mixed negative sampler draws by)."""
+    import numpy as np
+
+    from deftrec.data.samples import training_pairs
+
+    return np.bincount(training_pairs(data)[1], minlength=data.n_items)
 
 
 def _storage(run_dir: Path, cfg_name: str, dist: DistributedConfig) -> tuple[str, str]:
@@ -207,7 +217,8 @@ def train_distributed(
     ds = build_train_dataset(data_dir, cfg, source=dist.samples, num_blocks=max(16, 4 * dist.num_workers))
     context = _WorkerContext(cfg=cfg, dist=dist, catalog=data.catalog, item_emb=collab.item_emb,
                              user_emb=collab.user_emb if cfg.tokenizer.user_tokens else None,
-                             valid=valid, n_samples=n_samples, fingerprint=fp, inputs=inputs)
+                             valid=valid, n_samples=n_samples, fingerprint=fp, inputs=inputs,
+                             item_counts=_item_counts(data) if cfg.diffusion.ce_negative_sampler == "mixed" else None)
     ref = ray.put(context)
     trainer = torch_trainer(
         train_loop_per_worker, {"context": ref, "step_callback": step_callback}, dist, name=name, storage=storage,

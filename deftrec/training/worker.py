@@ -80,6 +80,7 @@ class _WorkerContext:
     n_samples: int
     fingerprint: str  # config_fingerprint of the run
     inputs: dict[str, str]  # run_inputs: identities of the data and collab artifacts it trains on
+    item_counts: np.ndarray | None = None  # training counts per item (diffusion.ce_negative_sampler mixed)
 
 
 @dataclass
@@ -241,7 +242,7 @@ def _build_engine(ctx: _WorkerContext, cfg: DeftRecConfig, device: torch.device,
     model.to(device)
     optimizer = _client_optimizer(model, model.cfg, ctx.dist)
     scheduler = build_scheduler(optimizer, model.cfg, total, plateau)
-    engine, _, _, _ = deepspeed.initialize(model=DeftRecTask(model), optimizer=optimizer, lr_scheduler=scheduler,
+    engine, _, _, _ = deepspeed.initialize(model=DeftRecTask(model, item_counts=ctx.item_counts), optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(cfg.train, ctx.dist, world, precision),
                                            dist_init_required=False)
     return model, engine, scheduler, n_llm, n_heads
