@@ -117,3 +117,26 @@ def test_the_defaults_keep_the_full_softmax_up_to_4096_items_and_sample_above():
         assert not uses_sampled_softmax(negatives, 4096)
         assert uses_sampled_softmax(negatives, 20_000)
     assert not uses_sampled_softmax(None, 1_000_000)
+
+
+def test_sasrec_validates_on_a_fixed_subset_of_valid_users(monkeypatch):
+    """sasrec.valid_users bounds a validation's users x items scoring: the same seeded users every epoch
+    and every run, and NDCG@10 a mean over that many users."""
+    n = 30
+    seqs = [np.arange(s, s + 8) % n for s in range(n)] * 2
+    cfg = SASRecConfig(dim=8, blocks=1, max_len=8, max_epochs=2, patience=5, batch_size=16, threads=1,
+                       valid_users=7)
+    seen = []
+    original = SASRec._validate
+
+    def recording(self, model, histories, targets):
+        seen.append(targets.copy())
+        return original(self, model, histories, targets)
+
+    monkeypatch.setattr(SASRec, "_validate", recording)
+    SASRec(cfg).fit(seqs, n)
+    SASRec(cfg).fit(seqs, n)
+    assert len(seen) == 4 and all(len(t) == 7 for t in seen)
+    assert all(np.array_equal(seen[0], t) for t in seen)
+    with pytest.raises(ValueError, match="valid_users"):
+        SASRecConfig(valid_users=0)

@@ -14,11 +14,12 @@ positions are counted from the right, so the newest item always has the same pos
 Training protocol (:meth:`SASRec.fit`): every user contributes its last ``max_len + 1`` items, and
 every non-padding position is trained to predict the next item with full-softmax cross-entropy
 over the whole catalog (no sampled negatives: Klenitskiy & Vasilev, RecSys 2023, show this is
-what makes SASRec strong). For early stopping, the LAST item of every training sequence is held
+what makes SASRec strong) up to ``negatives`` items, sampled negatives above. For early stopping, the LAST item of every training sequence is held
 out: the model trains on the sequence without it, and every ``eval_every`` epochs the held-out
 items are ranked from the rest of the sequence (NDCG@10, history excluded, with the project's
 metrics code); users whose sequence would then be shorter than 2 items are trained on whole and
-not validated. The best validated weights are kept and restored; training stops after
+not validated (at most ``valid_users`` of them, a fixed seeded subset, so that a validation's users
+x items scoring stays bounded). The best validated weights are kept and restored; training stops after
 ``patience`` validations without gain, at ``max_epochs`` or after ``max_seconds``.
 
 Defaults (:class:`deftrec.config.baselines.SASRecConfig`), one setting for every dataset: the
@@ -191,8 +192,11 @@ class SASRec:
         held = [s.size >= 3 for s in seqs]  # held out: the rest keeps >= 2 items
         train = [s[:-1] if h else s for s, h in zip(seqs, held)]
         train = [s for s in train if s.size >= 2]  # a single item predicts nothing
-        valid_hist = [s[:-1] for s, h in zip(seqs, held) if h]
-        valid_targets = np.array([s[-1] for s, h in zip(seqs, held) if h], dtype=np.int64)
+        valid_rows = np.flatnonzero(held)
+        if cfg.valid_users is not None and valid_rows.size > cfg.valid_users:  # a validation scores users x items
+            valid_rows = np.sort(np.random.default_rng(cfg.seed).choice(valid_rows, cfg.valid_users, replace=False))
+        valid_hist = [seqs[r][:-1] for r in valid_rows]
+        valid_targets = np.array([seqs[r][-1] for r in valid_rows], dtype=np.int64)
         device = _resolve_device(cfg.device)
         rng_devices = [] if device.type != "cuda" else [
             device.index if device.index is not None else torch.cuda.current_device()]

@@ -38,6 +38,7 @@ class SASRecConfig:
     max_epochs: int = 200  # hard cap on passes over the training users
     eval_every: int = 1  # epochs between validations
     patience: int = 5  # validations without NDCG@10 gain before stopping
+    valid_users: int | None = 10_000  # a fixed, seeded subset validates (null: every user with a held-out item)
     max_seconds: float | None = 1500.0  # wall-clock cap on fit (ml1m on 2 CPU cores); None: no cap
     seed: int = 0  # torch and batch-order seed (CPU runs are bit-for-bit repeatable)
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N"
@@ -47,6 +48,7 @@ class SASRecConfig:
         owner = "sasrec"
         for name in ("dim", "blocks", "heads", "max_len", "batch_size", "max_epochs", "eval_every", "patience"):
             _pos_int(owner, name, getattr(self, name))
+        _pos_int(owner, "valid_users", self.valid_users, allow_none=True)
         _pos_int(owner, "threads", self.threads, allow_none=True)
         _pos_int(owner, "negatives", self.negatives, allow_none=True)
         if self.negative_sampler not in NEGATIVE_SAMPLERS:
