@@ -93,12 +93,13 @@ def main(argv: list[str] | None = None) -> None:
             seconds = time.perf_counter() - t0
             m = res["history_excluded"]
             extra = f" (best epoch {model.best_epoch_}, stop: {model.stop_reason_})" if name == "sasrec" else ""
-            print(f"   {name}: HR@10 {m['hr@10']:.4f} NDCG@10 {m['ndcg@10']:.4f} {seconds:.1f}s{extra}", flush=True)
-            rows.append((path.name, name, m["hr@10"], m["ndcg@10"], seconds))
+            print(f"   {name}: HR@10 {m['hr@10']:.4f} NDCG@10 {m['ndcg@10']:.4f} ± {m['ndcg@10_se']:.4f} "
+                  f"{seconds:.1f}s{extra}", flush=True)
+            rows.append((path.name, name, m["hr@10"], m["ndcg@10"], m["ndcg@10_se"], seconds))
 
-    print("\n| dataset | model | HR@10 | NDCG@10 | seconds |\n|---|---|---|---|---|")
-    for ds, name, hr, nd, sec in rows:
-        print(f"| {ds} | {name} | {hr:.4f} | {nd:.4f} | {sec:.1f} |")
+    print("\n| dataset | model | HR@10 | NDCG@10 ± se | seconds |\n|---|---|---|---|---|")
+    for ds, name, hr, nd, se, sec in rows:
+        print(f"| {ds} | {name} | {hr:.4f} | {nd:.4f} ± {se:.4f} | {sec:.1f} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # Keep torch and BLAS from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train's controller polls its workers every 2 s, and a worker's report waits for the poll that
+# collects the previous one: toy runs report every step or two, so they would mostly wait.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")
