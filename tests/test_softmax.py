@@ -11,6 +11,8 @@ import deftrec.model.deftrec as deftrec_module
 from deftrec.batch.sasrec import SASRec
 from deftrec.config.baselines import SASRecConfig
 from deftrec.config.components import DiffusionConfig
+from deftrec.config.pipeline import load_pipeline_config
+from deftrec.core.config import ConfigError
 from deftrec.model.deftrec import DeftRecTask
 from deftrec.model.softmax import draw_negatives, mixed_sampling_probs, sampled_softmax_ce, uses_sampled_softmax
 from tests.test_levers import D_C, N_ITEMS, build, cache  # noqa: F401  (module fixtures)
@@ -59,10 +61,10 @@ def test_mixed_draws_follow_the_counts_and_carry_their_own_correction():
     freq = torch.bincount(ids, minlength=5).double() / ids.numel()
     torch.testing.assert_close(freq, probs.double(), atol=5e-3, rtol=0)
     torch.testing.assert_close(log_q, torch.log(200_000 * probs[ids]))
-    with pytest.raises(ValueError, match="ce_negative_sampler"):
-        DiffusionConfig(ce_negative_sampler="popular")
-    with pytest.raises(ValueError, match="negative_sampler"):
-        SASRecConfig(negative_sampler="popular")
+    with pytest.raises(ConfigError, match="diffusion.ce_negative_sampler: 'popular' is not one of"):
+        load_pipeline_config(None, ["diffusion.ce_negative_sampler=popular"])
+    with pytest.raises(ConfigError, match="sasrec.negative_sampler: 'popular' is not one of"):
+        load_pipeline_config(None, ["evaluate.sasrec.negative_sampler=popular"])
 
 
 def test_deftrec_mixed_sampler_corrects_the_target_and_the_negatives_by_their_own_q(build, monkeypatch):

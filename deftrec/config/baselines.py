@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deftrec.config.components import DEFAULT_SOFTMAX_NEGATIVES, NEGATIVE_SAMPLERS
+from deftrec.config.components import DEFAULT_SOFTMAX_NEGATIVES, NegativeSampler
 from deftrec.core.config import _nonneg_float, _pos_int
 
 __all__ = ["SASRecConfig"]
@@ -31,7 +31,7 @@ class SASRecConfig:
     dropout: float = 0.2  # on embeddings, attention weights, feed-forward and residual branches
     negatives: int | None = DEFAULT_SOFTMAX_NEGATIVES  # full softmax up to this many items, sampled above; None: always full
     # how sampled negatives are drawn: "mixed" (half in proportion to training counts) or "uniform"
-    negative_sampler: str = "mixed"
+    negative_sampler: NegativeSampler = "mixed"
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     batch_size: int = 128  # users (sequences) per optimiser step
@@ -51,8 +51,6 @@ class SASRecConfig:
         _pos_int(owner, "valid_users", self.valid_users, allow_none=True)
         _pos_int(owner, "threads", self.threads, allow_none=True)
         _pos_int(owner, "negatives", self.negatives, allow_none=True)
-        if self.negative_sampler not in NEGATIVE_SAMPLERS:
-            raise ValueError(f"{owner}.negative_sampler must be one of {NEGATIVE_SAMPLERS}, got {self.negative_sampler!r}")
         if self.dim % self.heads:
             raise ValueError(f"{owner}.heads ({self.heads}) must divide {owner}.dim ({self.dim})")
         _nonneg_float(owner, "dropout", self.dropout, upper=1.0)

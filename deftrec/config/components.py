@@ -28,7 +28,7 @@ from deftrec.core.config import _nonneg_float, _pos_int
 #: this many items keep the full softmax
 DEFAULT_SOFTMAX_NEGATIVES = 4096
 #: how the sampled negatives are drawn: uniformly, or half in proportion to the items' training counts
-NEGATIVE_SAMPLERS = ("uniform", "mixed")
+NegativeSampler = Literal["uniform", "mixed"]
 
 # Distribution name -> GGUF file it ships. The distribution is located through its metadata only: it is
 # installed with --no-deps and importing it would pull in the `llm` CLI it was written for.
@@ -352,7 +352,7 @@ class DiffusionConfig:
     ce_temperature: float = 1.0
     ce_scale: Literal["raw", "normalised"] = "raw"
     ce_negatives: int | None = DEFAULT_SOFTMAX_NEGATIVES
-    ce_negative_sampler: str = "uniform"
+    ce_negative_sampler: NegativeSampler = "uniform"
     ce_on: Literal["sampled", "generated"] = "sampled"
     cond_norm: bool = False
     noise: bool = True
@@ -396,9 +396,6 @@ class DiffusionConfig:
             raise ValueError("diffusion.ce_temperature must be > 0")
         if not isinstance(self.cond_norm, bool):
             raise ValueError(f"diffusion.cond_norm must be true or false, got {self.cond_norm!r}")
-        if self.ce_negative_sampler not in NEGATIVE_SAMPLERS:
-            raise ValueError(f"diffusion.ce_negative_sampler must be one of {NEGATIVE_SAMPLERS}, "
-                             f"got {self.ce_negative_sampler!r}")
         if self.ce_scale not in ("raw", "normalised"):
             raise ValueError(f"diffusion.ce_scale must be 'raw' or 'normalised', got {self.ce_scale!r}")
         _pos_int("diffusion", "ce_negatives", self.ce_negatives, allow_none=True)
