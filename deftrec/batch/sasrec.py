@@ -14,12 +14,13 @@ positions are counted from the right, so the newest item always has the same pos
 Training protocol (:meth:`SASRec.fit`): every user contributes its last ``max_len + 1`` items, and
 every non-padding position is trained to predict the next item with full-softmax cross-entropy
 over the whole catalog (no sampled negatives: Klenitskiy & Vasilev, RecSys 2023, show this is
-what makes SASRec strong) up to ``negatives`` items, sampled negatives above. For early stopping, the LAST item of every training sequence is held
-out: the model trains on the sequence without it, and every ``eval_every`` epochs the held-out
-items are ranked from the rest of the sequence (NDCG@10, history excluded, with the project's
-metrics code); users whose sequence would then be shorter than 2 items are trained on whole and
-not validated (at most ``valid_users`` of them, a fixed seeded subset, so that a validation's users
-x items scoring stays bounded). The best validated weights are kept and restored; training stops after
+what makes SASRec strong) up to ``negatives`` items, and against that many sampled negatives on a
+larger catalog. For early stopping, the LAST item of every training sequence is held out: the
+model trains on the sequence without it, and every ``eval_every`` epochs the held-out items are
+ranked from the rest of the sequence (NDCG@10, history excluded, with the project's metrics code)
+for at most ``valid_users`` users (a fixed seeded subset, so that a validation's users x items
+scoring stays bounded); users whose sequence would then be shorter than 2 items are trained on
+whole and not validated. The best validated weights are kept and restored; training stops after
 ``patience`` validations without gain, at ``max_epochs`` or after ``max_seconds``.
 
 Defaults (:class:`deftrec.config.baselines.SASRecConfig`), one setting for every dataset: the

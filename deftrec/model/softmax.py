@@ -1,9 +1,9 @@
 """A catalog softmax whose cost follows a number of sampled negatives, not the catalog size.
 
 Full softmax cross-entropy over n items costs O(n) scores per position; with ``negatives = S < n``
-:func:`sampled_softmax_ce` scores the target and S items drawn uniformly (with replacement, shared
-by the batch) instead, each logit corrected by log Q, Q the expected number of draws of that item
-(Jean et al. 2015; Yi et al. 2019): the estimate is unbiased in the limit and, with every item drawn
+:func:`sampled_softmax_ce` scores the target and S drawn items instead (with replacement, shared by
+the batch; uniformly, or from :func:`mixed_sampling_probs`), each logit corrected by log Q, Q the
+expected number of draws of that item (Jean et al. 2015; Yi et al. 2019): with every item drawn
 once, it is exactly the full softmax. A negative that is the row's own target (an accidental hit)
 is masked, so the target is never its own negative.
 """
