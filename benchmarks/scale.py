@@ -7,7 +7,8 @@
 
 Each ``--size USERS:ITEMS`` runs README command (1)'s preset (``pipelines/configs/tiny.yaml``) with only
 the data size changed (``data.synth.users``, ``data.synth.items``, ``data.synth.mean_length``),
-training capped at ``--max-steps`` steps and any ``--set KEY=VALUE`` overrides (recorded per size), one stage at a time in its own process (which starts its own
+training capped at ``--max-steps`` steps and any ``--set KEY=VALUE`` overrides (recorded per size),
+one stage at a time in its own process (which starts its own
 Ray): the stage's seconds come from the pipeline's summary, its peak memory from sampling the resident
 memory of that process tree (the driver, the raylet and every Ray worker) every 0.2 s: the largest
 single process and the whole tree (the tree's sum counts shared object-store pages once per process
@@ -192,11 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.merge and (a.work / "scale.json").is_file():
         earlier = json.loads((a.work / "scale.json").read_text())
         results = {parse_size(key): rows for key, rows in earlier.items() if parse_size(key) not in sizes}
-        for (u, i), rows in results.items():  # records from before the epoch count was kept
-            manifest = a.work / f"u{u}_i{i}" / "collab" / "manifest.json"
-            for r in rows:
-                if r["stage"] == "collab" and "epochs" not in r and manifest.is_file():
-                    r["epochs"] = json.loads(manifest.read_text())["epochs_run"]
     for u, i in sizes:
         results[(u, i)] = run_size(u, i, a.mean_length, a.max_steps, a.work, a.set)
     results = dict(sorted(results.items()))

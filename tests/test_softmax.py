@@ -21,7 +21,7 @@ from tests.test_levers import D_C, N_ITEMS, build, cache  # noqa: F401  (module 
 def every_item_once(n_items, negatives, device, generator=None, probs=None):
     """Negatives that are the whole catalog, each drawn once: Q = 1 for every item (uniform draws), or
     Q = S p(item) for draws from ``probs``."""
-    log_q = torch.zeros(n_items) if probs is None else torch.log(negatives * probs)
+    log_q = torch.zeros(n_items) if probs is None else torch.log(n_items * probs)  # S = n_items draws
     return torch.arange(n_items, device=device), log_q.to(device)
 
 
@@ -81,7 +81,7 @@ def test_deftrec_mixed_sampler_corrects_the_target_and_the_negatives_by_their_ow
     g = torch.Generator().manual_seed(0)
     q, table = torch.randn(64, D_C, generator=g), torch.randn(N_ITEMS, D_C, generator=g)
     targets = torch.randint(0, N_ITEMS, (64,), generator=g)
-    corrected = q @ table.T - torch.log((N_ITEMS - 1) * mixed_sampling_probs(counts))[None, :]
+    corrected = q @ table.T - torch.log(N_ITEMS * mixed_sampling_probs(counts))[None, :]  # S = N_ITEMS draws
     torch.testing.assert_close(task.catalog_ce(q, table, targets), F.cross_entropy(corrected, targets))
     assert "ce_neg_probs" not in task.state_dict()  # derived from the data, never saved
 

@@ -228,10 +228,9 @@ class SASRec:
             return F.cross_entropy(model.logits(h), targets)
         probs = self._neg_probs
         neg_ids, neg_log_q = draw_negatives(n_items, self.cfg.negatives, h.device, probs=probs)
-        pos_log_q = None if probs is None else torch.log(self.cfg.negatives * probs[targets])
         items = model.item.weight[1:]
         return sampled_softmax_ce((h * items[targets]).sum(1), h @ items[neg_ids].T, targets, neg_ids, neg_log_q,
-                                  pos_log_q)
+                                  probs)
 
     def _epoch(self, model: SASRecNet, opt: torch.optim.Optimizer, mat: np.ndarray,
                rng: np.random.Generator, deadline: float) -> tuple[float, bool]:

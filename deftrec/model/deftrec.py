@@ -436,9 +436,8 @@ class DeftRecTask(nn.Module):
             return F.cross_entropy(scores * factor, targets)
         probs = None if self.ce_neg_probs is None else self.ce_neg_probs.float()
         neg_ids, neg_log_q = draw_negatives(keys.shape[0], cfg.ce_negatives, q.device, generator, probs)
-        pos_log_q = None if probs is None else torch.log(cfg.ce_negatives * probs[targets])
         pos_keys, neg_keys = keys[targets], keys[neg_ids]
         pos, neg = (q * pos_keys).sum(1), q @ neg_keys.T
         if l2:
             pos, neg = 2.0 * pos - pos_keys.pow(2).sum(1), 2.0 * neg - neg_keys.pow(2).sum(1)[None, :]
-        return sampled_softmax_ce(pos * factor, neg * factor, targets, neg_ids, neg_log_q, pos_log_q)
+        return sampled_softmax_ce(pos * factor, neg * factor, targets, neg_ids, neg_log_q, probs)

@@ -46,7 +46,7 @@ def mixed_sampling_probs(counts: Tensor, popular_share: float = 0.5) -> Tensor:
 
 
 def sampled_softmax_ce(pos_logits: Tensor, neg_logits: Tensor, targets: Tensor, neg_ids: Tensor,
-                       neg_log_q: Tensor, pos_log_q: Tensor | None = None) -> Tensor:
+                       neg_log_q: Tensor, probs: Tensor | None = None) -> Tensor:
     """Mean cross-entropy of the targets against sampled negatives.
 
     Args:
@@ -54,10 +54,13 @@ def sampled_softmax_ce(pos_logits: Tensor, neg_logits: Tensor, targets: Tensor, 
         neg_logits: [B, S] the logits of the negatives ``neg_ids`` [S] for each row.
         targets: [B] each row's target id (negatives equal to it are masked).
         neg_log_q: [S] log of each negative's expected draw count.
-        pos_log_q: [B] the same for the targets (default: the negatives' value for uniform draws,
-            which every logit shares and so changes nothing).
+        probs: the draw probabilities the negatives came from (:func:`draw_negatives`), which give the
+            targets their own log Q; None (uniform draws): the targets share the negatives' value, which
+            every logit shares and so changes nothing.
     """
-    if pos_log_q is None:
+    if probs is not None:
+        pos_log_q = torch.log(neg_ids.numel() * probs[targets])
+    else:
         pos_log_q = neg_log_q[:1].expand_as(pos_logits) if neg_log_q.numel() else torch.zeros_like(pos_logits)
     neg = (neg_logits - neg_log_q[None, :]).masked_fill(neg_ids[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([(pos_logits - pos_log_q)[:, None], neg], dim=1)

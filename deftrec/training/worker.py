@@ -242,7 +242,8 @@ def _build_engine(ctx: _WorkerContext, cfg: DeftRecConfig, device: torch.device,
     model.to(device)
     optimizer = _client_optimizer(model, model.cfg, ctx.dist)
     scheduler = build_scheduler(optimizer, model.cfg, total, plateau)
-    engine, _, _, _ = deepspeed.initialize(model=DeftRecTask(model, item_counts=ctx.item_counts), optimizer=optimizer, lr_scheduler=scheduler,
+    task = DeftRecTask(model, item_counts=ctx.item_counts)
+    engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(cfg.train, ctx.dist, world, precision),
                                            dist_init_required=False)
     return model, engine, scheduler, n_llm, n_heads
