@@ -14,6 +14,9 @@ last-item Markov, EASE and SASRec on the same users with the same exclusions and
 ``WORK/<dataset>/<NAME>``, starting from copies of the preset run's artifacts: a stage whose
 fingerprint the overrides leave unchanged is skipped (``evaluate.*`` overrides re-evaluate the same
 trained model). Variants do not refit the baselines: theirs are the preset run's, on the same users.
+``--reuse-preset`` reads the preset run an earlier ``quality.py`` left in ``WORK`` instead of running
+it again (a change of code moves the fingerprints, which would retrain it), so that new variants are
+compared with the same measured reference.
 
 Prints one table per dataset: test NDCG@10 (history excluded) with its standard error, HR@10, the
 training seconds and the best validation step, then the baselines.
@@ -33,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 #: Stage directories a variant starts from (copies of the preset run's): unchanged stages are skipped.
 REUSED = ("synth", "data", "collab", "model", "index")
+SUMMARY = "quality_summary.json"
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -70,7 +74,22 @@ def run_variant(preset: Path, overrides: list[str], run_dir: Path, start_from: P
     summary["seconds"] = time.perf_counter() - t0
     summary["model"] = read_manifest(run_dir / "model")
     summary["workers"] = cfg.distributed.num_workers
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def read_variant(run_dir: Path) -> dict:
+    """The summary an earlier ``run_variant`` left in ``run_dir`` (runs older than that file: rebuilt
+    from the run's metrics and model manifest, without stage times)."""
+    from deftrec.core.artifacts import read_manifest
+
+    if (run_dir / SUMMARY).is_file():
+        return json.loads((run_dir / SUMMARY).read_text())
+    if not (run_dir / "eval" / "metrics.json").is_file():
+        raise SystemExit(f"--reuse-preset: {run_dir} holds no finished quality.py run")
+    config = json.loads((run_dir / "pipeline_config.json").read_text())
+    return {"metrics": json.loads((run_dir / "eval" / "metrics.json").read_text()), "stages": {},
+            "model": read_manifest(run_dir / "model"), "workers": config["distributed"]["num_workers"]}
 
 
 def _fmt(m: dict, key: str = "ndcg@10") -> str:
@@ -86,7 +105,7 @@ def print_table(title: str, runs: dict[str, dict]) -> None:
     for name, s in runs.items():
         ex = s["metrics"]["results"]["deftrec"]["history_excluded"]
         train = s["stages"].get("train", {})
-        t = "skipped" if train.get("skipped") else f"{train.get('seconds', 0):.0f}"
+        t = "skipped" if train.get("skipped") else f"{train['seconds']:.0f}" if "seconds" in train else "n/a"
         m = s["model"]
         print(f"| DeftRec {name} | {_fmt(ex)} | {ex['hr@10']:.4f} | {t} | {m.get('best_step')} "
               f"({m.get('valid_ndcg@10', float('nan')):.4f}) | {s['workers']} |")
@@ -108,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "deftrec-quality")
     p.add_argument("--json", type=Path, help="also write every run's summary here")
+    p.add_argument("--reuse-preset", action="store_true",
+                   help="read the preset runs an earlier quality.py left in --work instead of running them")
     p.add_argument("--verbose", action="store_true", help="Ray's own logs on the console too")
     a = p.parse_args(argv)
-    return run(a.preset, a.data or [None], [("preset", []), *a.variant], a.set, a.work, a.json, a.verbose)
+    return run(a.preset, a.data or [None], [("preset", []), *a.variant], a.set, a.work, a.json, a.verbose,
+               a.reuse_preset)
 
 
 def run(preset_name: str, datasets: list, variants: list[tuple[str, list[str]]], common: list[str], work: Path,
-        json_out: Path | None = None, verbose: bool = False) -> int:
+        json_out: Path | None = None, verbose: bool = False, reuse_preset: bool = False) -> int:
     """Every variant on every dataset, one table per dataset (the console as ``pipelines.end_to_end``'s)."""
     from deftrec.core.console import configure_console
 
@@ -130,6 +152,9 @@ def run(preset_name: str, datasets: list, variants: list[tuple[str, list[str]]],
             extra = [] if first else ["evaluate.baselines=[]"]
             run_dir = root / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
             print(f"[quality] {label}: {name} -> {run_dir}", flush=True)
+            if first and reuse_preset:
+                runs[name] = read_variant(run_dir)
+                continue
             runs[name] = run_variant(preset, [*dataset_overrides(data), *common, *overrides, *extra], run_dir,
                                      start_from=None if first else root / "preset",
                                      log=lambda s: print(s, flush=True))

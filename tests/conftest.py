@@ -93,3 +93,24 @@ def toy_run(root: Path, synth: Path, *overrides: str):
         "collab.epochs=1", "diffusion.hidden=32", "eval.steps=1"])
     model, _ = train_and_export(root, cfg)
     return model
+
+
+@pytest.fixture(scope="session")
+def toy_trained(tmp_path_factory, synth_small, ray_session) -> Path:
+    """One ``toy_run`` (``data/``, ``collab/``, ``model/``) for the modules that serve it unchanged:
+    copy it with ``copy_toy_run`` before adding to it."""
+    root = tmp_path_factory.mktemp("toy_trained")
+    toy_run(root, synth_small)
+    return root
+
+
+def copy_toy_run(src: Path, dst: Path):
+    """``src``'s data, collab and model artifacts copied into ``dst``; returns the loaded model."""
+    import shutil
+
+    from deftrec.artifacts.model import load_model
+
+    for name in ("data", "collab", "model"):
+        shutil.copytree(src / name, dst / name)
+    return load_model(dst / "model")
+

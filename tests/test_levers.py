@@ -137,7 +137,9 @@ def test_sample_options_follow_the_positions_switch():
     cfg = load_deftrec_config(TINY, ["condition=item_states", "train.positions=all", "prompt.max_history=7"])
     assert sample_options(cfg) == {"min_history": cfg.train.min_history,
                                    "max_samples_per_user": cfg.train.max_samples_per_user,
-                                   "max_history": 7, "stride": 7}
+                                   "max_history": 7, "stride": 7, "whole_prefix": False}
+    earlier = load_deftrec_config(TINY, ["tokenizer.user_tokens=true", "tokenizer.user_vector=earlier_items"])
+    assert sample_options(earlier)["whole_prefix"] is True
     with pytest.raises(ValueError, match="item_states"):
         load_deftrec_config(TINY, ["condition=prompt_state", "train.positions=all"])
 
@@ -175,6 +177,53 @@ def test_item_states_recommender_matches_the_training_condition(build):
     cond, _ = rec.conditions(HISTORIES, users=USERS)
     batch = m.make_batch(HISTORIES, TARGETS, USERS)
     torch.testing.assert_close(cond, m.condition(batch), rtol=1e-4, atol=1e-4)
+
+
+EARLIER = ("tokenizer.user_tokens=true", "tokenizer.user_vector=earlier_items")
+
+
+def test_earlier_items_fill_the_user_slot_with_the_mean_of_the_items_before_the_window(build):
+    """The user slot reads the mean of the item space's rows of the items before the prompt window
+    (prompt.max_history=8 here): zero when the history fits."""
+    m = build("item_space=trainable", *EARLIER).eval()
+    long = list(range(1, 13))  # 12 items: 4 before the window of 8
+    batch = m.make_batch([long, [1, 2, 3]], [20, 21])
+    assert batch["earlier_item_ids"].tolist() == [1, 2, 3, 4] and batch["earlier_offsets"].tolist() == [0, 4]
+    seen = {}
+    hook = m.user_tokenizer.register_forward_hook(lambda mod, args, out: seen.update(vectors=args[0]))
+    m.encode(batch)
+    hook.remove()
+    W = m.x0_table.detach()
+    torch.testing.assert_close(seen["vectors"], torch.stack([W[[1, 2, 3, 4]].mean(0), torch.zeros(W.shape[1])]))
+    assert "users" not in batch  # no user ids needed: the model serves anonymous histories
+
+
+def test_only_the_earlier_items_switch_reads_beyond_the_prompt_window(build):
+    """The same window after other earlier items: another query with the switch, the same one without
+    (validation, batch evaluation and serving give the model the whole history; the prompt reads 8)."""
+    long, other = list(range(1, 13)), [25, 26, 27, 28, *range(5, 13)]
+    for overrides, differs in ((EARLIER, True), ((), False)):
+        m = build(*overrides).eval()
+        cond, _ = DeftRecRecommender(m).conditions([long, other])
+        assert (not torch.allclose(cond[0], cond[1], atol=1e-5)) == differs, overrides
+
+
+def test_earlier_items_train_on_whole_prefixes_with_the_same_windows_and_targets():
+    seqs = Ragged.from_lists([list(range(30)), list(range(5))])
+    users = np.array([0, 1])
+    windows = build_training_samples(seqs, users, 1, None, 8, stride=8)
+    whole = build_training_samples(seqs, users, 1, None, 8, stride=8, whole_prefix=True)
+    assert whole.targets.tolist() == windows.targets.tolist()
+    for w, h in zip(windows.histories, whole.histories):
+        assert h.tolist() == list(range(h.size))  # the whole prefix of its sequence
+        assert h[-8:].tolist() == w.tolist()
+
+
+def test_earlier_items_need_the_user_slot():
+    with pytest.raises(ValueError, match="tokenizer.user_vector='earlier_items'.*user_tokens"):
+        load_deftrec_config(TINY, ["tokenizer.user_vector=earlier_items"])
+    with pytest.raises(ValueError, match="user_vector"):
+        load_deftrec_config(TINY, ["tokenizer.user_tokens=true", "tokenizer.user_vector=users"])
 
 
 def test_trainable_item_space_is_trained_and_is_what_retrieval_ranks(build):
@@ -318,6 +367,7 @@ LEVERS = {
     "item_space": ("item_space=trainable", "item_space=fixed"),
     "positions": ("train.positions=all", "condition=item_states train.positions=last"),
     "x0_norm": ("diffusion.x0_norm=std", "diffusion.x0_norm=none"),
+    "earlier_items": ("tokenizer.user_tokens=true tokenizer.user_vector=earlier_items", "tokenizer.user_tokens=false"),
 }
 
 

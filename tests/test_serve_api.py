@@ -24,18 +24,18 @@ from schemathesis.specs.openapi.checks import (
 
 from deftrec.config.jobs import IndexConfig
 from deftrec.serve.app import api
-from tests.conftest import toy_run
+from tests.conftest import copy_toy_run
 
 URL = "http://127.0.0.1:8000/api"
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, synth_small):
+def run(tmp_path_factory, toy_trained):
     from deftrec.batch.index_job import run_index_job
 
     root = tmp_path_factory.mktemp("api")
-    toy_run(root, synth_small)
+    copy_toy_run(toy_trained, root)
     run_index_job(root, IndexConfig(), log=lambda s: None)
     return root
 

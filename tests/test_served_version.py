@@ -22,7 +22,7 @@ import pytest
 
 from deftrec.config.jobs import IndexConfig
 from deftrec.core.artifacts import finish_manifest, read_manifest
-from tests.conftest import toy_run
+from tests.conftest import copy_toy_run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -51,14 +51,14 @@ def _edit_items(src: Path, dst: Path, edit) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, synth_small):
+def run(tmp_path_factory, toy_trained):
     """data/, model/ + index/, model_b/ + index_b/ (the same weights under another version), and
     data copies: renamed titles (belongs to the model) and one item fewer (does not)."""
     from deftrec.artifacts.model import export_model
     from deftrec.batch.index_job import run_index_job
 
     root = tmp_path_factory.mktemp("served")
-    model = toy_run(root, synth_small)
+    model = copy_toy_run(toy_trained, root)
     # the same weights re-exported without the record of the data they trained on (an export made
     # outside the pipeline): the catalog is then matched by its items, so renamed titles belong to it
     shutil.rmtree(root / "model")
@@ -363,3 +363,37 @@ def test_served_retrain_in_place_never_mixes_replicas(run, tmp_path):
             assert client.get("/healthz").json()["version"] == v2
     finally:
         serve.delete("inplace")
+
+
+def test_a_model_that_reads_earlier_items_is_given_the_whole_history(run, tmp_path):
+    """A served query carries the newest max_history items to a model that reads only its prompt
+    window, and the whole history to one that reads the items before it (tokenizer.user_vector:
+    earlier_items), which also answers an anonymous history (no user vector to look up)."""
+    from types import SimpleNamespace
+
+    from deftrec.artifacts.model import export_model, load_model
+    from deftrec.config.model import DeftRecConfig
+    from deftrec.core.config import from_dict, to_dict
+    from deftrec.model.deftrec import DeftRec
+    from deftrec.batch.index_job import run_index_job
+    from deftrec.serve.version import ServedVersion
+
+    base = load_model(run / "model")
+    cfg = to_dict(base.cfg)
+    cfg["tokenizer"].update(user_tokens=True, user_vector="earlier_items")
+    cfg["prompt"]["user_tokens"] = True
+    earlier = DeftRec.from_config(from_dict(DeftRecConfig, cfg), base.item_emb.numpy(), None, base.catalog)
+    export_model(earlier, tmp_path / "model")
+    run_index_job(run, IndexConfig(), log=lambda s: None, model_dir=tmp_path / "model", out_dir=tmp_path / "index")
+    window_version = ServedVersion(run / "model", run / "index", run / "data")
+    earlier_version = ServedVersion(tmp_path / "model", tmp_path / "index", run / "data")
+    cat = window_version.catalog
+    lengths = {u: cat.seen_items(i).size for u, i in cat.user_index.items()}
+    user = max(lengths, key=lengths.get)
+    assert lengths[user] > cat.max_history  # a history longer than the window
+    req = SimpleNamespace(user_id=user, history=None, k=5, exclude_history=True, explain=False)
+    seen = cat.seen_items(cat.user(user))
+    assert window_version.query(req).history.tolist() == seen[-cat.max_history:].tolist()
+    assert earlier_version.query(req).history.tolist() == seen.tolist()
+    anonymous = SimpleNamespace(user_id=None, history=cat.item_ids[:3], k=5, exclude_history=True, explain=False)
+    assert earlier_version.engine.refusal(earlier_version.query(anonymous)) is None

@@ -62,12 +62,13 @@ class BatchRecommender:
     def __call__(self, batch: dict) -> dict:
         v = self.version
         users = np.array(batch["user"], dtype=np.int64)  # a writable copy: torch wraps it
+        # the whole history before the target: what the model reads (its prompt the newest
+        # prompt.max_history items) and what the history-excluded ranking leaves out
         histories = [np.asarray(h, dtype=np.int64) for h in batch["history"]]
-        exclude = [np.asarray(h, dtype=np.int64) for h in batch["exclude"]]
-        q = v.recommender.queries(histories, users=users if v.uses_user_tokens else None, keys=users,
+        q = v.recommender.queries(histories, users=users if v.needs_user_ids else None, keys=users,
                                   explain=self.explain)
         t0 = time.perf_counter()
-        ex_ids, ex_sc = v.searcher.search(q.vectors, self.k, exclude=exclude)
+        ex_ids, ex_sc = v.searcher.search(q.vectors, self.k, exclude=histories)
         kp_ids, kp_sc = v.searcher.search(q.vectors, self.k)
         t_search = time.perf_counter() - t0
         n = len(users)
@@ -113,11 +114,11 @@ def evaluation_fingerprint(run_dir: str | Path, cfg: EvaluateJobConfig) -> str:
 
 
 def _user_rows(es) -> pa.Table:
-    """One row per user: the prompt's ``history`` (the split's window), the ``exclude`` list (the whole
-    sequence before the target: what every model leaves out of its ranking) and the ``target``."""
+    """One row per user: the ``history`` (the whole sequence before the target: what the model reads,
+    its prompt the newest ``prompt.max_history`` items, and what every model leaves out of its
+    ranking) and the ``target``."""
     return pa.table({"user": pa.array(es.users, pa.int64()),
-                     "history": pa.array([h.tolist() for h in es.histories], pa.list_(pa.int64())),
-                     "exclude": pa.array([h.tolist() for h in es.exclusions], pa.list_(pa.int64())),
+                     "history": pa.array([h.tolist() for h in es.exclusions], pa.list_(pa.int64())),
                      "target": pa.array(es.targets, pa.int64())})
 
 

@@ -224,6 +224,7 @@ class PromptConfig:
 
 
 _COMBINE = ("none", "sum")
+UserVector = Literal["lightgcn", "earlier_items"]
 SAMPLERS = ("ddim", "ddpm")
 _DDIM_STEPS = 50  # default DDIM step count (eval.steps' default), capped at T
 
@@ -241,7 +242,11 @@ class ContinuousTokenizerConfig:
     K: int = 2  # continuous tokens per entity (parallel branches)
     mask_ratio: float = 0.1  # per-feature zeroing probability while training
     combine: Literal["none", "sum"] = "none"  # "sum": the K branch outputs form one token
-    user_tokens: bool = False  # add a user slot filled from the LightGCN user matrix U
+    user_tokens: bool = False  # add a user slot to the prompt, filled with K tokens of user_vector
+    # what the user slot reads: LightGCN's user vector U[user] (fit on the training sequences), or the
+    # mean of the item space's vectors of the user's items before the prompt window (the history the
+    # prompt does not read; zero when the whole history fits the window)
+    user_vector: UserVector = "lightgcn"
     hidden: int | None = None  # residual MLP width; None -> d_c
     d_c: InitVar[int | None] = None  # derived: collab.dim
     d_llm: InitVar[int | None] = None  # derived: the LLM hidden size
@@ -252,11 +257,24 @@ class ContinuousTokenizerConfig:
         _nonneg_float("tokenizer", "mask_ratio", self.mask_ratio, upper=1.0)
         if self.combine not in _COMBINE:
             raise ValueError(f"tokenizer.combine must be one of {_COMBINE}, got {self.combine!r}")
+        if self.user_vector != "lightgcn" and not self.user_tokens:
+            raise ValueError(f"tokenizer.user_vector={self.user_vector!r} fills the user slot, which "
+                             "tokenizer.user_tokens: true adds; set both")
         _pos_int("tokenizer", "d_c", d_c, allow_none=True)
         _pos_int("tokenizer", "d_llm", d_llm, allow_none=True)
         self.d_c, self.d_llm = d_c, d_llm
         if self.hidden is None and d_c is not None:
             self.hidden = d_c
+
+    @property
+    def needs_user_ids(self) -> bool:
+        """Whether a query must name its user: the user slot reads LightGCN's user vector."""
+        return self.user_tokens and self.user_vector == "lightgcn"
+
+    @property
+    def reads_earlier_items(self) -> bool:
+        """Whether the model reads the history before the prompt window (its inputs are whole histories)."""
+        return self.user_tokens and self.user_vector == "earlier_items"
 
 
 @dataclass

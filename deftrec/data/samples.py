@@ -312,10 +312,12 @@ def load_dataset(path: str | Path) -> PreprocessedData:
 
 def sample_options(cfg) -> dict:
     """``build_training_samples`` keyword arguments of a :class:`~deftrec.config.model.DeftRecConfig`:
-    one sample per prefix (``train.positions: last``) or windows of ``prompt.max_history`` items."""
+    one sample per prefix (``train.positions: last``) or windows of ``prompt.max_history`` items; whole
+    prefixes when the model reads the items before the window (``tokenizer.user_vector: earlier_items``)."""
     t, window = cfg.train, cfg.prompt.max_history
     return {"min_history": t.min_history, "max_samples_per_user": t.max_samples_per_user,
-            "max_history": window, "stride": window if t.positions == "all" else 1}
+            "max_history": window, "stride": window if t.positions == "all" else 1,
+            "whole_prefix": cfg.tokenizer.reads_earlier_items}
 
 
 def build_training_samples(
@@ -325,6 +327,7 @@ def build_training_samples(
     max_samples_per_user: int = 20,
     max_history: int = 20,
     stride: int = 1,
+    whole_prefix: bool = False,
 ) -> TrainingSamples:
     """Prefix samples of the given (already cut) training sequences, vectorised.
 
@@ -333,6 +336,8 @@ def build_training_samples(
     target t[j]. Samples are user-major (in row order), newest first within a user. ``stride = 1``:
     every prefix; ``stride = max_history``: windows that tile t, so that training on every position
     of every window (``train.positions: all``) predicts each item of t[min_history:] exactly once.
+    ``whole_prefix``: the history is all of t[:j] (the same targets); the model reads its last
+    ``max_history`` items as the window.
     """
     cap = np.iinfo(np.int64).max if max_samples_per_user is None else max_samples_per_user
     if min_history < 1 or cap < 1 or max_history < 1 or stride < 1:
@@ -349,7 +354,7 @@ def build_training_samples(
     first = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
     r = np.arange(total, dtype=np.int64) - np.repeat(first, count)
     target_pos = sequences.stops[row] - 1 - r * stride  # absolute position of t[j] in the flat array
-    hist_start = np.maximum(sequences.starts[row], target_pos - max_history)
+    hist_start = sequences.starts[row] if whole_prefix else np.maximum(sequences.starts[row], target_pos - max_history)
     hist = Ragged(sequences.values, hist_start, target_pos)
     return TrainingSamples(users[row], hist, sequences.values[target_pos].astype(np.int64))
 

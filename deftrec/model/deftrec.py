@@ -58,6 +58,7 @@ from deftrec.model.prompts import (
     build_generation_batch,
     build_inputs_embeds,
     build_training_batch,
+    earlier_item_bags,
 )
 from deftrec.model.tokenizer import ContinuousTokenizer
 
@@ -137,7 +138,7 @@ class DeftRec(nn.Module):
         E = torch.as_tensor(np.asarray(item_emb), dtype=torch.float32)
         if E.dim() != 2 or E.shape[1] != self.cfg.d_c:
             raise ValueError(f"item_emb must be [n_items, d_c={self.cfg.d_c}], got {tuple(E.shape)}")
-        if self.cfg.tokenizer.user_tokens and user_emb is None:
+        if self.cfg.tokenizer.needs_user_ids and user_emb is None:
             raise ValueError("tokenizer.user_tokens needs user_emb (the LightGCN user matrix)")
         self.catalog = catalog if catalog is not None else ItemCatalog.synthetic(E.shape[0])
         if self.catalog.n_items != E.shape[0]:
@@ -261,16 +262,22 @@ class DeftRec(nn.Module):
             batch["targets"] = torch.as_tensor(np.asarray(targets, dtype=np.int64).reshape(-1))
         if users is not None:
             batch["users"] = torch.as_tensor(np.asarray(users, dtype=np.int64).reshape(-1))
-        if self.user_tokenizer is not None and "users" not in batch:
+        if self.cfg.tokenizer.needs_user_ids and "users" not in batch:
             raise ValueError("tokenizer.user_tokens is on: pass users")
+        if self.cfg.tokenizer.reads_earlier_items:
+            batch.update(earlier_item_bags(histories, self.cfg.prompt.max_history))
         return batch
 
     # -- forward pieces
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
         """LLM input embeddings with continuous tokens spliced in (one index_put per batch)."""
-        item_tokens = self.item_tokenizer(self.x0_table[batch["history_item_ids"].to(self.device)])
+        table = self.x0_table
+        item_tokens = self.item_tokenizer(table[batch["history_item_ids"].to(self.device)])
         user_tokens = None
-        if self.user_tokenizer is not None:
+        if self.cfg.tokenizer.reads_earlier_items:  # the mean of their rows of the table (empty bag: zero)
+            user_tokens = self.user_tokenizer(F.embedding_bag(batch["earlier_item_ids"].to(self.device), table,
+                                                              batch["earlier_offsets"].to(self.device), mode="mean"))
+        elif self.user_tokenizer is not None:
             user_tokens = self.user_tokenizer(self.user_emb[batch["users"].to(self.device)] * self.user_scale)
         return build_inputs_embeds(self.llm.get_input_embeddings(), batch, item_tokens, user_tokens)
 

@@ -54,6 +54,7 @@ __all__ = [
     "build_training_batch",
     "clean_title",
     "domain_for_dataset",
+    "earlier_item_bags",
     "gather_placeholder_values",
     "render_history_item",
     "render_prompt",
@@ -382,3 +383,16 @@ def build_inputs_embeds(
         values = torch.cat([values, user_values])
         positions = torch.cat([positions, batch["user_placeholder_positions"]])
     return splice_continuous_tokens(embeds, positions.to(embeds.device), values)
+
+
+def earlier_item_bags(histories, max_history: int) -> dict[str, torch.Tensor]:
+    """The items of each history before its prompt window (its newest ``max_history``), as one flat
+    id tensor and each history's offset in it: ``F.embedding_bag``'s layout, where a history that fits
+    the window is an empty bag."""
+    import numpy as np
+
+    earlier = [np.asarray(h, dtype=np.int64).reshape(-1)[:-max_history] for h in histories]
+    offsets = np.concatenate([[0], np.cumsum([e.size for e in earlier])[:-1]]).astype(np.int64)
+    flat = np.concatenate(earlier) if earlier else np.zeros(0, dtype=np.int64)
+    return {"earlier_item_ids": torch.as_tensor(flat), "earlier_offsets": torch.as_tensor(offsets)}
+

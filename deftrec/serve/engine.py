@@ -107,7 +107,7 @@ class ServingCatalog:
 
 @dataclasses.dataclass
 class Query:
-    history: np.ndarray  # item indices, oldest first: what the prompt reads (at most max_history)
+    history: np.ndarray  # item indices, oldest first: what the model reads (the newest max_history, or all)
     key: int  # noise key: the user index for known users (as in batch evaluation), else a history hash
     user: Optional[int]
     k: int
@@ -149,7 +149,7 @@ class RecommenderEngine:
         anonymous history has none, and no neutral one was trained, so it is refused rather than
         answered as some stored user (the ingress answers 422 with this text).
         """
-        if query.user is None and self.version.uses_user_tokens:
+        if query.user is None and self.version.needs_user_ids:
             return (f"model {self.model_version} conditions on user tokens (tokenizer.user_tokens), so it cannot "
                     "serve an anonymous history: send the user_id of a known user (a history may come with it)")
         return None
@@ -170,7 +170,7 @@ class RecommenderEngine:
         keys = np.array([q.key for q in queries], dtype=np.int64)
         # read only with user tokens, and then every query has a user (refusal)
         users = np.array([q.user if q.user is not None else -1 for q in queries], dtype=np.int64)
-        qs = v.recommender.queries([q.history for q in queries], users=users if v.uses_user_tokens else None,
+        qs = v.recommender.queries([q.history for q in queries], users=users if v.needs_user_ids else None,
                                    keys=keys, explain=any(q.explain for q in queries))
         t0 = time.perf_counter()
         ids, scores = v.searcher.search(qs.vectors, max(q.k for q in queries),

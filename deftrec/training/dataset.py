@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def samples_table(sequences: pa.Table, min_history: int, max_samples_per_user: int | None, max_history: int,
-                  stride: int = 1) -> pa.Table:
+                  stride: int = 1, whole_prefix: bool = False) -> pa.Table:
     """Training samples of a batch of ``sequences.parquet`` rows (``user``, ``items``).
 
     The training sequence of a user is s[:-2] (validation and test targets never leak); its
@@ -31,7 +31,7 @@ def samples_table(sequences: pa.Table, min_history: int, max_samples_per_user: i
 
     users = sequences.column("user").to_numpy().astype(np.int64)
     seqs = Ragged.from_arrow(sequences.column("items")).drop_last(2)
-    s = build_training_samples(seqs, users, min_history, max_samples_per_user, max_history, stride)
+    s = build_training_samples(seqs, users, min_history, max_samples_per_user, max_history, stride, whole_prefix)
     _, flat = s.histories.flat()
     offsets = np.concatenate([[0], np.cumsum(s.histories.lengths)]).astype(np.int64)
     history = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int64()))

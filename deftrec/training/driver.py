@@ -185,7 +185,7 @@ def train_distributed(
     collab_dir = Path(collab_dir) if collab_dir is not None else run_dir / "collab"
     collab = load_collab(collab_dir)
     stage_fp = train_fingerprint(cfg, dist, data_dir, collab_dir)
-    if cfg.tokenizer.user_tokens and collab.user_emb is None:
+    if cfg.tokenizer.needs_user_ids and collab.user_emb is None:
         raise ArtifactError("tokenizer.user_tokens needs the LightGCN user matrix in the collab artifact")
     if dist.zero_stage == 3 and cfg.needs_generation:
         # Greedy decoding stops at data-dependent lengths; under ZeRO-3 every forward is a
@@ -216,7 +216,7 @@ def train_distributed(
     ensure_ray()
     ds = build_train_dataset(data_dir, cfg, source=dist.samples, num_blocks=max(16, 4 * dist.num_workers))
     context = _WorkerContext(cfg=cfg, dist=dist, catalog=data.catalog, item_emb=collab.item_emb,
-                             user_emb=collab.user_emb if cfg.tokenizer.user_tokens else None,
+                             user_emb=collab.user_emb if cfg.tokenizer.needs_user_ids else None,
                              valid=valid, n_samples=n_samples, fingerprint=fp, inputs=inputs,
                              item_counts=_item_counts(data) if cfg.diffusion.ce_negative_sampler == "mixed" else None)
     ref = ray.put(context)

@@ -48,7 +48,7 @@ class _Validator:
             rec = DeftRecRecommender(m)
             local = evaluate(m, self.slice, seed=m.cfg.eval.seed, mean_squares=True, recommender=rec)
             for _ in range(self.extra):
-                rec.score_users(self.valid.histories[:1], self.valid.users[:1], seed=0)
+                rec.score_users(self.valid.exclusions[:1], self.valid.users[:1], seed=0)
         m.train()
         if not tdist.is_initialized() or tdist.get_world_size() == 1:
             return {p: standard_errors(v, len(self.slice)) for p, v in local.items()}
@@ -104,10 +104,11 @@ def evaluate(
     ks = tuple(ks or ecfg.k)
     bs = batch_size or ecfg.batch_size
 
+    # the model reads the whole history before the target (its prompt the newest prompt.max_history
+    # items), and the ranking excludes all of it
     def score_fn(positions: np.ndarray) -> np.ndarray:
-        return rec.score_users(eval_set.histories[positions], eval_set.users[positions], seed=seed, batch_size=bs)
+        return rec.score_users(eval_set.exclusions[positions], eval_set.users[positions], seed=seed, batch_size=bs)
 
-    # the prompt reads eval_set.histories (max_history items); the ranking excludes all of eval_set.exclusions
     raw = evaluate_in_chunks(score_fn, np.arange(len(eval_set)), eval_set.targets, eval_set.exclusions, bs, ks,
                              with_se=True)
     return raw if mean_squares else {p: standard_errors(v, len(eval_set)) for p, v in raw.items()}
