@@ -325,7 +325,7 @@ def test_learns_beyond_popularity_and_ease(ray_session, tmp_path, cache):
     from deftrec.data.samples import load_dataset
     from deftrec.data.synth import generate
     from deftrec.training.validation import evaluate
-    from tests.conftest import train_and_export
+    from tests.helpers import train_and_export
 
     generate(SynthConfig(users=600, items=150, mean_length=20, seed=7), tmp_path / "synth", log=lambda s: None)
     run_preprocess(PreprocessConfig(input=[str(tmp_path / "synth" / "interactions.csv")],

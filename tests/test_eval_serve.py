@@ -26,7 +26,7 @@ def _train_and_export(data_dir, out_dir, seed: int):
     import shutil
 
     from deftrec.config.pipeline import load_deftrec_config
-    from tests.conftest import train_and_export
+    from tests.helpers import train_and_export
 
     cfg = load_deftrec_config(REPO / "pipelines/configs/tiny.yaml", [
         "train.max_steps=6", "train.warmup_steps=2", "train.validate_every=6", "train.valid_users=40",

@@ -426,7 +426,7 @@ def test_plateau_decay_anneals_the_lr_after_plateau_patience_validations_without
 
     from deftrec.training.checkpoint import read_trainer_state
     from deftrec.training.optim import lr_factor
-    from tests.conftest import train_and_export
+    from tests.helpers import train_and_export
 
     shutil.copytree(toy_data.root, tmp_path / "data")
     cfg = load_deftrec_config(TINY, [f"llm.cache_dir={cache}", "collab.dim=8", "collab.epochs=1",

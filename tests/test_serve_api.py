@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
 
 from deftrec.config.jobs import IndexConfig
 from deftrec.serve.app import api
-from tests.conftest import copy_toy_run
+from tests.helpers import copy_toy_run
 
 URL = "http://127.0.0.1:8000/api"
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deftrec.config.jobs import IndexConfig
-from tests.conftest import toy_run
+from tests.helpers import toy_run
 
 URL = "http://127.0.0.1:8000/usertok"
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -22,7 +22,7 @@ import pytest
 
 from deftrec.config.jobs import IndexConfig
 from deftrec.core.artifacts import finish_manifest, read_manifest
-from tests.conftest import copy_toy_run
+from tests.helpers import copy_toy_run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
