@@ -38,3 +38,22 @@ def test_two_trial_search_exports_the_better_trial(ray_session, tmp_path):
     # a rerun finds both stages up to date
     again = run_pipeline(cfg, tmp_path, log=lambda s: None)
     assert again["stages"]["tune"]["skipped"] and again["stages"]["train"]["skipped"]
+
+
+def test_a_group_of_settings_is_one_value_of_the_search():
+    """A ``tune.space`` entry whose values are mappings sets its fields together (``{}``: the preset's),
+    and every trial's config is checked at load."""
+    from deftrec.config.jobs import TuneConfig
+    from deftrec.config.pipeline import load_pipeline_config
+
+    earlier = {"tokenizer.user_tokens": True, "tokenizer.user_vector": "earlier_items"}
+    tune = TuneConfig(space={"user slot": [{}, earlier], "llm.dropout": [0.0, 0.2]})
+    assert tune.trials(0) == [
+        ["llm.dropout=0.0"], ["llm.dropout=0.0", "tokenizer.user_tokens=true", "tokenizer.user_vector=earlier_items"],
+        ["llm.dropout=0.2"], ["llm.dropout=0.2", "tokenizer.user_tokens=true", "tokenizer.user_vector=earlier_items"]]
+    with pytest.raises(ValueError, match="mixes values and groups"):
+        TuneConfig(space={"user slot": [False, earlier]})
+    # each group must make a valid config on its own: the earlier items need the user slot
+    with pytest.raises(ValueError, match="tune.space: the trial .*user_vector"):
+        load_pipeline_config(TINY, ["stages=[synth,preprocess,collab,tune,train]",
+                                    "tune.space={user slot: [{}, {tokenizer.user_vector: earlier_items}]}"])

@@ -80,8 +80,9 @@ class TuneConfig:
     overrides, the same for every dataset, each trial the pipeline's own training job, stopped early
     by ASHA on validation NDCG@10; the best trial's settings are what the train stage exports.
 
-    ``space`` maps a model field (``section.field`` as in ``--set``) to the values to try; the
-    trials are every combination (``num_samples`` times, ``train.seed`` + repeat). A trial runs at
+    ``space`` maps a model field (``section.field`` as in ``--set``) to the values to try, or a name
+    of your choosing to settings that go together (each value a mapping of fields to values; ``{}``
+    leaves the preset's); the trials are every combination (``num_samples`` times, ``train.seed`` + repeat). A trial runs at
     least ``grace_validations`` validations before ASHA may stop it; ``reduction_factor`` is ASHA's
     (1/rf of the trials continue at each rung). ``max_concurrent_trials`` run at once, each on
     ``distributed.num_workers`` Ray Train workers.
@@ -99,6 +100,9 @@ class TuneConfig:
         for key, values in self.space.items():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"tune.space.{key} must be a non-empty list of values, got {values!r}")
+            if any(isinstance(v, dict) for v in values) and not all(isinstance(v, dict) for v in values):
+                raise ValueError(f"tune.space.{key} mixes values and groups of settings: make every value "
+                                 f"a mapping of fields to values, or none, got {values!r}")
         for name in ("num_samples", "max_concurrent_trials", "grace_validations"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -116,8 +120,12 @@ class TuneConfig:
         keys = sorted(self.space)
         grid = [list(zip(keys, combo)) for combo in itertools.product(*(self.space[k] for k in keys))]
         out = []
+        def settings(key, value) -> list[tuple[str, object]]:
+            return list(value.items()) if isinstance(value, dict) else [(key, value)]
+
         for repeat in range(self.num_samples):
             for combo in grid:
-                sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in combo]
+                sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                        for key, value in combo for k, v in settings(key, value)]
                 out.append(sets + ([f"train.seed={seed + repeat}"] if self.num_samples > 1 else []))
         return out
