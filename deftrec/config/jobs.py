@@ -82,10 +82,10 @@ class TuneConfig:
 
     ``space`` maps a model field (``section.field`` as in ``--set``) to the values to try, or a name
     of your choosing to settings that go together (each value a mapping of fields to values; ``{}``
-    leaves the preset's); the trials are every combination (``num_samples`` times, ``train.seed`` + repeat). A trial runs at
-    least ``grace_validations`` validations before ASHA may stop it; ``reduction_factor`` is ASHA's
-    (1/rf of the trials continue at each rung). ``max_concurrent_trials`` run at once, each on
-    ``distributed.num_workers`` Ray Train workers.
+    leaves the preset's); the trials are every combination (``num_samples`` times, ``train.seed`` +
+    repeat). A trial runs at least ``grace_validations`` validations before ASHA may stop it;
+    ``reduction_factor`` is ASHA's (1/rf of the trials continue at each rung).
+    ``max_concurrent_trials`` run at once, each on ``distributed.num_workers`` Ray Train workers.
     """
 
     space: dict = dataclasses.field(default_factory=dict)
@@ -119,10 +119,11 @@ class TuneConfig:
 
         keys = sorted(self.space)
         grid = [list(zip(keys, combo)) for combo in itertools.product(*(self.space[k] for k in keys))]
-        out = []
-        def settings(key, value) -> list[tuple[str, object]]:
+
+        def settings(key, value) -> list[tuple[str, object]]:  # a group sets each of its fields
             return list(value.items()) if isinstance(value, dict) else [(key, value)]
 
+        out = []
         for repeat in range(self.num_samples):
             for combo in grid:
                 sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"

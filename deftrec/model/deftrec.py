@@ -274,7 +274,7 @@ class DeftRec(nn.Module):
         table = self.x0_table
         item_tokens = self.item_tokenizer(table[batch["history_item_ids"].to(self.device)])
         user_tokens = None
-        if self.cfg.tokenizer.reads_earlier_items:  # the mean of their rows of the table (empty bag: zero)
+        if self.cfg.tokenizer.reads_earlier_items:  # the mean of the earlier items' rows (none: zero)
             user_tokens = self.user_tokenizer(F.embedding_bag(batch["earlier_item_ids"].to(self.device), table,
                                                               batch["earlier_offsets"].to(self.device), mode="mean"))
         elif self.user_tokenizer is not None:

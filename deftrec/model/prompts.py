@@ -395,4 +395,3 @@ def earlier_item_bags(histories, max_history: int) -> dict[str, torch.Tensor]:
     offsets = np.concatenate([[0], np.cumsum([e.size for e in earlier])[:-1]]).astype(np.int64)
     flat = np.concatenate(earlier) if earlier else np.zeros(0, dtype=np.int64)
     return {"earlier_item_ids": torch.as_tensor(flat), "earlier_offsets": torch.as_tensor(offsets)}
-
