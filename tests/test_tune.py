@@ -12,15 +12,17 @@ TINY = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "tiny.yam
 TOY = ["data.synth.users=120", "data.synth.items=48", "data.synth.mean_length=16", "data.preprocess.item_core=1",
        "collab.epochs=1", "collab.dim=16", "diffusion.hidden=32", "eval.steps=1", "train.batch_size=8",
        "train.max_steps=4", "train.warmup_steps=1", "train.validate_every=2", "train.valid_users=16",
-       "train.log_every=2", "train.patience=null", "distributed.num_workers=1", "distributed.checkpoint_every=null"]
+       "train.log_every=2", "train.patience=null", "distributed.checkpoint_every=null"]
 
 
 def test_two_trial_search_exports_the_better_trial(ray_session, tmp_path):
+    """Each trial's workers may take every CPU of the cluster (2 workers on the session's 2 CPUs):
+    the trial itself holds none."""
     from deftrec.config.pipeline import load_pipeline_config
     from deftrec.core.artifacts import read_manifest
     from deftrec.end_to_end import run_pipeline
 
-    cfg = load_pipeline_config(TINY, [*TOY, "stages=[synth,preprocess,collab,tune,train]",
+    cfg = load_pipeline_config(TINY, [*TOY, "stages=[synth,preprocess,collab,tune,train]", "distributed.num_workers=2",
                                       "tune.space={train.lr: [0.00001, 0.01]}", "tune.grace_validations=2"])
     summary = run_pipeline(cfg, tmp_path, log=lambda s: None)
     assert not summary["stages"]["tune"]["skipped"]

@@ -96,10 +96,11 @@ def run_tune(cfg: DeftRecConfig, dist: DistributedConfig, tune: TuneConfig, run_
         i = config["trial"]
         _trainable({**base, "model": models[i], "dist": dataclasses.replace(dist, name=names[i])})
 
-    # The trial process only drives its TorchTrainer, whose workers hold the CPUs and GPUs (Tune
-    # refuses an empty request: a token share of one CPU).
+    # The trial process only drives its TorchTrainer, whose workers hold the CPUs and GPUs. Tune
+    # refuses an empty request, and any share of a CPU, however small, would keep a worker group that
+    # fills the cluster's CPUs from starting: the trial holds one byte of memory instead.
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(trainable, {"CPU": 0.01}),
+        ray.tune.with_resources(trainable, {"CPU": 0, "memory": 1}),
         param_space=space,
         tune_config=ray.tune.TuneConfig(
             metric=METRIC, mode="max", max_concurrent_trials=tune.max_concurrent_trials,
