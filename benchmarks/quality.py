@@ -79,17 +79,10 @@ def run_variant(preset: Path, overrides: list[str], run_dir: Path, start_from: P
 
 
 def read_variant(run_dir: Path) -> dict:
-    """The summary an earlier ``run_variant`` left in ``run_dir`` (runs older than that file: rebuilt
-    from the run's metrics and model manifest, without stage times)."""
-    from deftrec.core.artifacts import read_manifest
-
-    if (run_dir / SUMMARY).is_file():
-        return json.loads((run_dir / SUMMARY).read_text())
-    if not (run_dir / "eval" / "metrics.json").is_file():
-        raise SystemExit(f"--reuse-preset: {run_dir} holds no finished quality.py run")
-    config = json.loads((run_dir / "pipeline_config.json").read_text())
-    return {"metrics": json.loads((run_dir / "eval" / "metrics.json").read_text()), "stages": {},
-            "model": read_manifest(run_dir / "model"), "workers": config["distributed"]["num_workers"]}
+    """The summary an earlier ``run_variant`` left in ``run_dir``."""
+    if not (run_dir / SUMMARY).is_file():
+        raise SystemExit(f"--reuse-preset: {run_dir} holds no {SUMMARY} of a finished quality.py run")
+    return json.loads((run_dir / SUMMARY).read_text())
 
 
 def _fmt(m: dict, key: str = "ndcg@10") -> str:
@@ -105,7 +98,7 @@ def print_table(title: str, runs: dict[str, dict]) -> None:
     for name, s in runs.items():
         ex = s["metrics"]["results"]["deftrec"]["history_excluded"]
         train = s["stages"].get("train", {})
-        t = "skipped" if train.get("skipped") else f"{train['seconds']:.0f}" if "seconds" in train else "n/a"
+        t = "skipped" if train.get("skipped") else f"{train.get('seconds', 0):.0f}"
         m = s["model"]
         print(f"| DeftRec {name} | {_fmt(ex)} | {ex['hr@10']:.4f} | {t} | {m.get('best_step')} "
               f"({m.get('valid_ndcg@10', float('nan')):.4f}) | {s['workers']} |")

@@ -366,9 +366,9 @@ def test_served_retrain_in_place_never_mixes_replicas(run, tmp_path):
 
 
 def test_a_model_that_reads_earlier_items_is_given_the_whole_history(run, tmp_path):
-    """A served query carries the newest max_history items to a model that reads only its prompt
-    window, and the whole history to one that reads the items before it (tokenizer.user_vector:
-    earlier_items), which also answers an anonymous history (no user vector to look up)."""
+    """A served query carries the whole history, longer than the window, to every model (a window
+    model's prompt reads the newest max_history of it), so one that reads the items before its
+    window (tokenizer.user_vector: earlier_items) gets them; it also answers an anonymous history."""
     from types import SimpleNamespace
 
     from deftrec.artifacts.model import export_model, load_model
@@ -393,7 +393,7 @@ def test_a_model_that_reads_earlier_items_is_given_the_whole_history(run, tmp_pa
     assert lengths[user] > cat.max_history  # a history longer than the window
     req = SimpleNamespace(user_id=user, history=None, k=5, exclude_history=True, explain=False)
     seen = cat.seen_items(cat.user(user))
-    assert window_version.query(req).history.tolist() == seen[-cat.max_history:].tolist()
+    assert window_version.query(req).history.tolist() == seen.tolist()
     assert earlier_version.query(req).history.tolist() == seen.tolist()
     anonymous = SimpleNamespace(user_id=None, history=cat.item_ids[:3], k=5, exclude_history=True, explain=False)
     assert earlier_version.engine.refusal(earlier_version.query(anonymous)) is None

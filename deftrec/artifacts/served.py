@@ -57,11 +57,6 @@ class LoadedVersion:
         """Whether every query must name a known user (user tokens from LightGCN's user vectors)."""
         return self.model.cfg.tokenizer.needs_user_ids
 
-    @property
-    def reads_earlier_items(self) -> bool:
-        """Whether the model reads the history before its prompt window (queries carry whole histories)."""
-        return self.model.cfg.tokenizer.reads_earlier_items
-
 
 def load_version(model_dir: str | Path, index_dir: str | Path, *, loader: Callable[[str], Any] | None = None,
                  sampler: str | None = None, steps: int | None = None, seed: int | None = None) -> LoadedVersion:

@@ -107,7 +107,7 @@ class ServingCatalog:
 
 @dataclasses.dataclass
 class Query:
-    history: np.ndarray  # item indices, oldest first: what the model reads (the newest max_history, or all)
+    history: np.ndarray  # item indices, oldest first: the whole history (the prompt reads the newest)
     key: int  # noise key: the user index for known users (as in batch evaluation), else a history hash
     user: Optional[int]
     k: int

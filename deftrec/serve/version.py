@@ -106,13 +106,11 @@ class ServedVersion:
         ``exclude_history``, ``explain``); raises :class:`UnknownId` for an id this catalog lacks."""
         cat = self.catalog
         user = cat.user(req.user_id) if req.user_id is not None else None
-        # the prompt reads the newest max_history items; exclusion covers the whole history, which a
-        # model that reads the items before its prompt window is given as well
+        # the model reads the whole history (its prompt the newest prompt.max_history items), as in
+        # batch evaluation; exclusion covers all of it
         seen = cat.items(req.history) if req.history is not None else cat.seen_items(user)
-        window = seen[-cat.max_history:]
-        history = seen if self.engine.version.reads_earlier_items else window
-        key = user if user is not None else history_key(window, self.user_offset)
-        return Query(history=history, key=key, user=user, k=min(req.k, cat.n_items),
+        key = user if user is not None else history_key(seen[-cat.max_history:], self.user_offset)
+        return Query(history=seen, key=key, user=user, k=min(req.k, cat.n_items),
                      exclude_history=req.exclude_history, explain=req.explain, exclude=seen)
 
     def describe(self, items: list[tuple[int, float]]) -> list[dict]:
